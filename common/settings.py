@@ -1,0 +1,124 @@
+"""One settings object, read from the environment (``GRAFT_*`` and ``REDIS_URL``).
+
+| variable | default | meaning |
+|---|---|---|
+| REDIS_URL | (unset) | Redis to use; unset means ``graft up`` starts an embedded one |
+| GRAFT_PROFILE | shipped ``cpu`` or ``v100-estimated`` | profile file the planner and workers read |
+| GRAFT_MODELS | resnet18,mobilenet_v2 | models served (bootstrap plan covers every cut of each) |
+| GRAFT_RESOLUTION | 0 (each model's default) | input resolution of served models |
+| GRAFT_DEVICE | auto | worker device: auto, cpu, cuda |
+| GRAFT_RHO | 0.9 | utilisation cap ρ of section 4 |
+| GRAFT_POLICY | graft | planning policy of the planner service: graft or per-cut |
+| GRAFT_BLOCK_MS | 100 | BLOCK of blocking stream reads (ms); must stay below the socket timeout |
+| GRAFT_SOCKET_TIMEOUT_S | 5.0 | redis socket timeout (s) |
+| GRAFT_MAX_DELIVERIES | 3 | deliveries before an entry goes to the dead-letter stream |
+| GRAFT_MAX_TENSOR_BYTES | 33554432 | largest request tensor accepted by ingress |
+| GRAFT_MAX_SLO_MS | 60000 | largest SLO/budget accepted; also the stream trimming age |
+| GRAFT_STREAM_MAXLEN | 100000 | approximate length cap of every stream |
+| GRAFT_REPLAN_S | 10 | minimum epoch length of the planner (s) |
+| GRAFT_DRIFT | 0.25 | relative rate drift that triggers a re-plan |
+| GRAFT_METRICS_PORT | 0 | base Prometheus port (0: pick a free port per service) |
+| GRAFT_LOG_LEVEL | info | log level |
+| GRAFT_LOG_FORMAT | json | json for services, console for the CLI |
+| GRAFT_SEED | 0 | seed for random model weights (every process must agree) |
+| GRAFT_WEIGHTS_DIR | (unset) | folder with ``<model>.pt`` state dicts (loaded with weights_only=True) |
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value that cannot be used."""
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in value.split(",") if s.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str | None = None
+    profile: str | None = None
+    models: tuple[str, ...] = ("resnet18", "mobilenet_v2")
+    resolution: int = 0
+    device: str = "auto"
+    rho: float = 0.9
+    policy: str = "graft"
+    block_ms: int = 100
+    socket_timeout_s: float = 5.0
+    max_deliveries: int = 3
+    max_tensor_bytes: int = 32 * 1024 * 1024
+    max_slo_ms: float = 60_000.0
+    stream_maxlen: int = 100_000
+    replan_s: float = 10.0
+    drift: float = 0.25
+    metrics_port: int = 0
+    log_level: str = "info"
+    log_format: str = "json"
+    seed: int = 0
+    weights_dir: str | None = None
+    extra: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.block_ms <= 0 or self.block_ms / 1000.0 >= self.socket_timeout_s:
+            raise SettingsError(
+                f"GRAFT_BLOCK_MS ({self.block_ms}) must be positive and below the socket timeout "
+                f"({self.socket_timeout_s}s), or a blocked read would time out and be retried silently"
+            )
+        if not 0 < self.rho <= 1:
+            raise SettingsError(f"GRAFT_RHO must be in (0, 1], got {self.rho}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise SettingsError(f"GRAFT_DEVICE must be auto, cpu or cuda, got {self.device!r}")
+        if self.policy not in ("graft", "per-cut"):
+            raise SettingsError(f"GRAFT_POLICY must be graft or per-cut, got {self.policy!r}")
+        if self.max_deliveries < 1:
+            raise SettingsError("GRAFT_MAX_DELIVERIES must be at least 1")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if env is None else env
+        kw: dict[str, Any] = {}
+        if env.get("REDIS_URL"):
+            kw["redis_url"] = env["REDIS_URL"]
+        for f in fields(cls):
+            if f.name in ("redis_url", "extra"):
+                continue
+            key = f"GRAFT_{f.name.upper()}"
+            if key not in env or env[key] == "":
+                continue
+            raw = env[key]
+            try:
+                if f.name == "models":
+                    kw[f.name] = _split(raw)
+                elif f.type in ("int",):
+                    kw[f.name] = int(raw)
+                elif f.type in ("float",):
+                    kw[f.name] = float(raw)
+                else:
+                    kw[f.name] = raw
+            except ValueError:
+                raise SettingsError(f"{key}={raw!r} is not a valid {f.type}") from None
+        kw.update(overrides)
+        return cls(**kw)
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+    def to_env(self) -> dict[str, str]:
+        """Environment that reproduces these settings in a child process."""
+        env: dict[str, str] = {}
+        if self.redis_url:
+            env["REDIS_URL"] = self.redis_url
+        for f in fields(self):
+            if f.name in ("redis_url", "extra"):
+                continue
+            val = getattr(self, f.name)
+            if val is None:
+                continue
+            env[f"GRAFT_{f.name.upper()}"] = ",".join(val) if isinstance(val, tuple) else str(val)
+        return env

@@ -1,0 +1,442 @@
+"""Redis Streams plumbing for every service: connections, consumer groups, dead letters, trimming.
+
+The reliability protocol of design section 7, the consumer's half (the reaper is in ``reaper.py``):
+
+- a consumer first re-reads its *own* pending entries (XREADGROUP from id ``0``, following the ids
+  until the history is empty), then new ones (``>``) — a restarted replica recovers what it held;
+- an entry delivered more than ``max_deliveries`` times, or one without the payload field, goes to
+  ``keys.dead_letters(stream)`` with the error, and is acked, in one MULTI/EXEC;
+- blocking reads use a BLOCK below the socket timeout (checked here, and in ``Settings``);
+- ``StreamConsumer.run`` survives Redis restarts: it backs off, re-creates a lost group and
+  re-reads its own pending entries before new ones.
+
+Entry ids are returned as ``str``; payloads stay ``bytes`` (clients use ``decode_responses=False``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from common import keys
+from common.errors import GraftError, InternalError, InvalidRequest
+from common.logs import Event, get_logger
+from common.settings import Settings
+
+log = get_logger(__name__)
+
+# Errors after which a loop backs off and reconnects (BusyLoadingError, Redis replaying its AOF after
+# a restart, is a ConnectionError subclass).
+TRANSIENT: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+# What a handler may raise to mean "Redis is down" rather than "this entry failed" (a handler's own
+# OSError or builtin TimeoutError is an entry failure: it must count towards dead-lettering).
+REDIS_DOWN: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError)
+ENV_CONSUMER = "GRAFT_CONSUMER"
+DEAD_LETTER_MAXLEN = 10_000
+
+
+class Entry(NamedTuple):
+    """One stream entry as a consumer sees it. ``payload`` is None when the entry has no ``m`` field."""
+
+    id: str
+    payload: bytes | None
+    deliveries: int = 1
+
+
+DeadLetterHook = Callable[[Entry, GraftError], Awaitable[None] | None]
+
+
+async def maybe_await(value: Awaitable[None] | None) -> None:
+    if inspect.isawaitable(value):
+        await value
+
+
+def _sid(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+# ---------------------------------------------------------------------------------- connections
+
+
+def connect(url: str, *, settings: Settings | None = None, client_name: str | None = None) -> Redis:
+    """An asyncio client with the timeouts, health checks and retries every Graft service uses."""
+    s = settings if settings is not None else Settings.from_env()
+    # socket_timeout must exceed the BLOCK of blocking reads (Settings enforces block_ms < timeout):
+    # a read still blocked server-side when the socket times out raises TimeoutError, and with a retry
+    # policy redis-py then re-sends the XREADGROUP silently — the entries the first call delivered
+    # land in our PEL unseen, and every idle read turns into a disconnect/reconnect cycle.
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=3,
+                  supported_errors=(RedisConnectionError, RedisTimeoutError))
+    client: Redis = Redis.from_url(
+        url,
+        decode_responses=False,
+        socket_timeout=s.socket_timeout_s,
+        socket_connect_timeout=s.socket_timeout_s,
+        health_check_interval=max(1, int(s.socket_timeout_s * 2)),
+        retry=retry,
+        client_name=client_name,
+    )
+    return client
+
+
+async def wait_for_redis(url: str, timeout: float = 10.0, *, interval: float = 0.05) -> None:
+    """Return once Redis at ``url`` answers PING; raise ``TimeoutError`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while True:
+        client = Redis.from_url(url, socket_timeout=min(1.0, timeout), socket_connect_timeout=min(1.0, timeout),
+                                retry=Retry(NoBackoff(), 0))  # this loop is the retry
+        try:
+            if await client.ping():
+                return
+        except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:  # e.g. LOADING
+            last = exc
+        finally:
+            await client.aclose()
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"Redis at {url} did not answer within {timeout}s: {last!r}")
+        await asyncio.sleep(interval)
+
+
+def block_below_timeout(r: Redis, block_ms: int) -> None:
+    """Refuse a BLOCK that reaches the client's socket timeout (see ``connect``)."""
+    timeout = r.connection_pool.connection_kwargs.get("socket_timeout")
+    if block_ms <= 0:
+        raise ValueError(f"block_ms must be positive, got {block_ms}")
+    if timeout is not None and block_ms / 1000.0 >= float(timeout):
+        raise ValueError(
+            f"BLOCK {block_ms} ms must stay below the socket timeout ({timeout} s), "
+            "or a blocked read times out and is retried silently"
+        )
+
+
+def consumer_name(service: str, *, index: int | None = None, env: dict[str, str] | None = None) -> str:
+    """A consumer name that survives restarts of the same replica, so it recovers its own pending entries.
+
+    ``$GRAFT_CONSUMER`` wins (orchestrators set it per replica); else ``host:service``. ``index``
+    (the replica's slot on its host) is appended either way, so children that inherit the variable
+    from their agent still get distinct names.
+    """
+    environ = os.environ if env is None else env
+    base = environ.get(ENV_CONSUMER) or f"{socket.gethostname()}:{service}"
+    return base if index is None else f"{base}:{index}"
+
+
+class Backoff:
+    """Exponential backoff with full jitter, for loops that wait out a Redis outage."""
+
+    def __init__(self, base: float = 0.05, cap: float = 2.0) -> None:
+        self.base, self.cap, self.failures = base, cap, 0
+
+    def next(self) -> float:
+        self.failures += 1
+        return random.uniform(0, min(self.cap, self.base * 2 ** (self.failures - 1)))
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+# ------------------------------------------------------------------------------ groups and data
+
+
+async def ensure_group(r: Redis, stream: str, group: str, start_id: str = "0") -> bool:
+    """Create ``group`` on ``stream`` (and the stream); True if created, False if it existed."""
+    try:
+        await r.xgroup_create(stream, group, id=start_id, mkstream=True)
+    except ResponseError as exc:
+        if str(exc).startswith("BUSYGROUP"):
+            return False
+        raise
+    return True
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
+
+
+async def xadd(r: Redis, stream: str, payload: bytes, maxlen: int | None = None, *, approximate: bool = True) -> str:
+    """Append one payload (field ``m``) with an approximate length cap; return the entry id."""
+    entry_id = await r.xadd(stream, {keys.FIELD: payload}, maxlen=maxlen, approximate=approximate)
+    return _sid(entry_id)
+
+
+async def trim(r: Redis, stream: str, *, max_age_ms: float, maxlen: int | None = None,
+               approximate: bool = True) -> int:
+    """Drop entries older than ``max_age_ms`` and cap the length; return how many were removed.
+
+    Age is measured on the Redis clock (TIME), the clock that stamped the entry ids.
+    Approximate trimming only frees whole radix-tree nodes (~100 entries), which is what makes it cheap.
+    """
+    secs, micros = await r.time()
+    cutoff_ms = max(0, int(secs) * 1000 + int(micros) // 1000 - int(max_age_ms))
+    removed = int(await r.xtrim(stream, minid=f"{cutoff_ms}-0", approximate=approximate))
+    if maxlen is not None:
+        removed += int(await r.xtrim(stream, maxlen=maxlen, approximate=approximate))
+    return removed
+
+
+async def deliveries(r: Redis, stream: str, group: str, ids: Sequence[str]) -> dict[str, int]:
+    """Delivery counts of pending entries (XPENDING extended form); ids not pending are absent."""
+    if not ids:
+        return {}
+    async with r.pipeline(transaction=False) as pipe:
+        for entry_id in ids:
+            pipe.xpending_range(stream, group, min=entry_id, max=entry_id, count=1)
+        pages = await pipe.execute()
+    out: dict[str, int] = {}
+    for page in pages:
+        for row in page:
+            out[_sid(row["message_id"])] = int(row["times_delivered"])
+    return out
+
+
+async def ack(r: Redis, stream: str, group: str, ids: Iterable[str], *, delete: bool = False) -> int:
+    """XACK (and XDEL when ``delete``) in chunks, one pipelined round trip; return the number acked."""
+    id_list = list(ids)
+    if not id_list:
+        return 0
+    async with r.pipeline(transaction=False) as pipe:
+        for i in range(0, len(id_list), 1000):
+            chunk = id_list[i:i + 1000]
+            pipe.xack(stream, group, *chunk)
+            if delete:
+                pipe.xdel(stream, *chunk)
+        results = await pipe.execute()
+    return sum(int(n) for n in results[:: 2 if delete else 1])
+
+
+# ------------------------------------------------------------------------------------ dead letters
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: str                 # id in the dead-letter stream
+    stream: str             # where the entry came from
+    group: str
+    entry_id: str           # its id there
+    payload: bytes
+    code: str
+    message: str
+    deliveries: int
+    consumer: str
+    time_ms: int
+
+
+async def dead_letter(
+    r: Redis, stream: str, group: str, entry_id: str, payload: bytes | None, error: GraftError | str, *,
+    deliveries: int = 0, consumer: str = "", maxlen: int = DEAD_LETTER_MAXLEN,
+) -> str:
+    """Move one entry to ``keys.dead_letters(stream)`` with its error and XACK it, atomically."""
+    err = error if isinstance(error, GraftError) else InternalError(error)
+    fields: dict[bytes, bytes | str | int] = {
+        keys.FIELD: payload if payload is not None else b"",
+        b"code": str(err.code), b"message": err.message, b"stream": stream, b"group": group,
+        b"id": entry_id, b"deliveries": deliveries, b"consumer": consumer, b"time_ms": int(time.time() * 1000),
+    }
+    async with r.pipeline(transaction=True) as pipe:
+        pipe.xadd(keys.dead_letters(stream), fields, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
+        pipe.xack(stream, group, entry_id)
+        dead_id, _ = await pipe.execute()
+    log.warning(Event.DEAD_LETTERED, stream=stream, group=group, entry_id=entry_id, code=str(err.code),
+                error=err.message, deliveries=deliveries)
+    return _sid(dead_id)
+
+
+async def list_dead_letters(r: Redis, stream: str, *, count: int = 100, start: str = "-") -> list[DeadLetter]:
+    """The oldest ``count`` dead letters of ``stream`` from ``start`` (for the admin CLI)."""
+    rows: list[tuple[Any, Any]] = list(await r.xrange(keys.dead_letters(stream), min=start, max="+", count=count) or [])
+    out: list[DeadLetter] = []
+    for raw_id, raw_fields in rows:
+        f: dict[bytes, bytes] = raw_fields or {}
+        text = {k: _sid(v) for k, v in f.items() if k != keys.FIELD}
+        out.append(DeadLetter(
+            id=_sid(raw_id), stream=text.get(b"stream", ""), group=text.get(b"group", ""),
+            entry_id=text.get(b"id", ""), payload=f.get(keys.FIELD, b""), code=text.get(b"code", ""),
+            message=text.get(b"message", ""), deliveries=int(text.get(b"deliveries") or 0),
+            consumer=text.get(b"consumer", ""), time_ms=int(text.get(b"time_ms") or 0),
+        ))
+    return out
+
+
+def _read_rows(resp: Any) -> list[tuple[Any, dict[Any, Any]]]:
+    """XREADGROUP reply for one stream → its rows (RESP2 list or RESP3 map; None when BLOCK expired)."""
+    if not resp:
+        return []
+    if isinstance(resp, dict):
+        return [row for rows in resp.values() for row in rows]
+    return [row for _, rows in resp for row in rows]
+
+
+# ------------------------------------------------------------------------------------- consumer
+
+Handler = Callable[[list[Entry]], Awaitable[None] | None]
+
+
+class StreamConsumer:
+    """One consumer of one group: own pending entries first, then new ones; poison goes to dead letters.
+
+    ``read`` never returns an entry without a payload, nor one delivered more than ``max_deliveries``
+    times (None: no limit): those are dead-lettered (and acked) on the way, and ``on_dead_lettered``
+    hears about each, so a service can still answer the request. Pending entries whose stream entry
+    was trimmed away meanwhile are acked silently: nothing is left to answer.
+    """
+
+    def __init__(
+        self, r: Redis, stream: str, group: str, consumer: str, *, count: int = 16, block_ms: int = 100,
+        max_deliveries: int | None = 3, start_id: str = "0", dead_letter_maxlen: int = DEAD_LETTER_MAXLEN,
+        on_dead_lettered: DeadLetterHook | None = None,
+    ) -> None:
+        block_below_timeout(r, block_ms)
+        self.r, self.stream, self.group, self.consumer = r, stream, group, consumer
+        self.count, self.block_ms, self.max_deliveries = count, block_ms, max_deliveries
+        self.start_id, self.dead_letter_maxlen, self.on_dead_lettered = start_id, dead_letter_maxlen, on_dead_lettered
+        self._pending_from: str | None = "0"   # next own-pending id to re-read; None: reading new entries
+        self._isolate = False                  # re-read pending one by one (after a failed batch)
+        self._errors: dict[str, str] = {}      # last handler error per entry id, for its dead letter
+        self._ready = False
+
+    @property
+    def recovering(self) -> bool:
+        """True while own pending entries are still being re-read."""
+        return self._pending_from is not None
+
+    async def setup(self) -> None:
+        await ensure_group(self.r, self.stream, self.group, self.start_id)
+        self._ready = True
+
+    def recover(self, *, isolate: bool = False) -> None:
+        """Re-read own pending entries before new ones (after a reconnect or a failed batch).
+
+        ``isolate`` re-reads them one at a time, so a poison entry cannot drag its batch-mates to the
+        dead-letter stream with it.
+        """
+        self._pending_from = "0"
+        self._isolate = self._isolate or isolate
+
+    async def read(self, count: int | None = None, block_ms: int | None = None) -> list[Entry]:
+        n = count or self.count
+        try:
+            if not self._ready:
+                await self.setup()
+            while self._pending_from is not None:
+                entries = await self._read_pending(1 if self._isolate else n)
+                if entries:
+                    return entries
+            resp = await self.r.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=n,
+                                           block=block_ms or self.block_ms)
+        except ResponseError as exc:
+            if not is_nogroup(exc):
+                raise
+            # The stream or group vanished (a Redis restart without persistence, or a FLUSH): re-create
+            # it from id 0 so entries producers added since are still served.
+            self._ready = False
+            self.recover()
+            return []
+        out: list[Entry] = []
+        for raw_id, fields in _read_rows(resp):
+            entry = Entry(_sid(raw_id), fields.get(keys.FIELD), 1)
+            if entry.payload is None:
+                await self._dead_letter(entry, InvalidRequest(f"stream entry has no {keys.FIELD!r} field"))
+            else:
+                out.append(entry)
+        return out
+
+    async def _read_pending(self, n: int) -> list[Entry]:
+        assert self._pending_from is not None
+        resp = await self.r.xreadgroup(self.group, self.consumer, {self.stream: self._pending_from}, count=n)
+        rows = _read_rows(resp)
+        if not rows:
+            self._pending_from, self._isolate = None, False
+            self._errors.clear()
+            return []
+        self._pending_from = _sid(rows[-1][0])
+        # A pending entry whose stream entry is gone (trimmed, XDEL) comes back with no fields.
+        gone = [_sid(i) for i, f in rows if not f]
+        if gone:
+            await ack(self.r, self.stream, self.group, gone)
+            log.info(Event.RECLAIMED, stream=self.stream, consumer=self.consumer, gone=len(gone))
+        live = [(_sid(i), f) for i, f in rows if f]
+        counts = await deliveries(self.r, self.stream, self.group, [i for i, _ in live])
+        out: list[Entry] = []
+        for entry_id, fields in live:
+            entry = Entry(entry_id, fields.get(keys.FIELD), counts.get(entry_id, 1))
+            if entry.payload is None:
+                await self._dead_letter(entry, InvalidRequest(f"stream entry has no {keys.FIELD!r} field"))
+            elif self.max_deliveries is not None and entry.deliveries > self.max_deliveries:
+                await self._dead_letter(entry, poison_error(entry, self.max_deliveries, self._errors.get(entry_id)))
+            else:
+                out.append(entry)
+        return out
+
+    async def _dead_letter(self, entry: Entry, error: GraftError) -> None:
+        await dead_letter(self.r, self.stream, self.group, entry.id, entry.payload, error,
+                          deliveries=entry.deliveries, consumer=self.consumer, maxlen=self.dead_letter_maxlen)
+        self._errors.pop(entry.id, None)
+        if self.on_dead_lettered is not None:
+            await maybe_await(self.on_dead_lettered(entry, error))
+
+    async def ack(self, ids: Iterable[str]) -> int:
+        return await ack(self.r, self.stream, self.group, ids)
+
+    async def ack_and_delete(self, ids: Iterable[str]) -> int:
+        return await ack(self.r, self.stream, self.group, ids, delete=True)
+
+    async def run(self, handler: Handler, *, stop: asyncio.Event | None = None, auto_ack: bool = True,
+                  backoff: Backoff | None = None) -> None:
+        """Read → ``handler(entries)`` → XACK until ``stop`` is set, surviving Redis outages.
+
+        A handler that raises leaves its entries pending; they are re-read one at a time and land in
+        the dead-letter stream once delivered more than ``max_deliveries`` times. Entries can thus be
+        handled more than once: handlers must be idempotent by entry (replies are, by ``req_id``).
+        """
+        stop = stop or asyncio.Event()
+        backoff = backoff or Backoff()
+        while not stop.is_set():
+            try:
+                entries = await self.read()
+                backoff.reset()
+                if not entries:
+                    continue
+                try:
+                    await maybe_await(handler(entries))
+                except REDIS_DOWN:
+                    raise
+                except Exception as exc:  # a handler bug must not kill the consumer; the entry is retried
+                    log.exception(Event.BATCH_FAILED, stream=self.stream, consumer=self.consumer, size=len(entries))
+                    for e in entries:
+                        self._errors[e.id] = f"{type(exc).__name__}: {exc}"
+                    self.recover(isolate=True)
+                    continue
+                if auto_ack:
+                    await self.ack(e.id for e in entries)
+            except TRANSIENT as exc:
+                delay = backoff.next()
+                log.warning(Event.REDIS_RECONNECT, stream=self.stream, consumer=self.consumer,
+                            error=repr(exc), retry_in_s=round(delay, 3))
+                # Whatever was delivered to us while the link broke sits in our PEL: re-read it first.
+                self._ready = False
+                self.recover()
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                except TimeoutError:
+                    pass
+
+
+def poison_error(entry: Entry, max_deliveries: int, last_error: str | None = None) -> InternalError:
+    why = f"; last error: {last_error}" if last_error else ""
+    return InternalError(f"delivered {entry.deliveries} times, more than max_deliveries={max_deliveries}{why}",
+                         deliveries=entry.deliveries)

@@ -1,0 +1,39 @@
+"""Shared fixtures: one private Redis per test session (never the system one on :6379).
+
+- ``redis_server``: the session's ``RedisServer`` (free port, no persistence), stopped by PID at exit;
+- ``redis_url``: its URL;
+- ``redis``: a fresh ``redis.asyncio.Redis`` (bytes responses) on a FLUSHALLed server, per test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from redis.asyncio import Redis
+
+from common.redis_server import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url, decode_responses=False, socket_timeout=5.0)
+    await client.flushall()
+    try:
+        yield client
+    finally:
+        await client.aclose()
