@@ -1,0 +1,159 @@
+"""Fragment execution with re-aligned batches (design.md section 2).
+
+A worker serves every fragment ``(model, cut)`` of its group with one ``FragmentRunner``. A batch
+mixes requests of different cuts: the ones with the smallest cut start, and each other request joins
+the running batch at its own cut, so every block from the largest cut on runs once for the whole
+batch. A request never runs a block twice, and its output equals running the whole model on its input.
+
+Request tensors are per request: shaped like ``ModelInfo.cut_shape(cut)`` (no batch dim); a leading
+batch dim of 1 (the wire's ``[1, C, H, W]``) is also accepted and dropped. Outputs come back per
+request, without a batch dim, in the order of the items given.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from common.errors import BadCut, BadTensor
+from common.models import ModelInfo, build_blocks, describe
+
+Item: TypeAlias = tuple[int, torch.Tensor | npt.NDArray[Any]]
+
+
+def realigned_schedule(cuts: Sequence[int], n_blocks: int) -> list[tuple[int, int]]:
+    """``(j, b_j)`` for each block j from the smallest cut to N-1: how many requests block j runs on.
+
+    ``b_j`` counts the requests whose cut is ≤ j — the batch sizes of the latency sum L(batch, g).
+    """
+    if not cuts:
+        return []
+    for c in cuts:
+        if not 0 <= c < n_blocks:
+            raise BadCut(f"cut {c} is not valid for a model of {n_blocks} blocks (0..{n_blocks - 1})", cut=c)
+    joining = Counter(cuts)
+    schedule: list[tuple[int, int]] = []
+    b = 0
+    for j in range(min(cuts), n_blocks):
+        b += joining.get(j, 0)
+        schedule.append((j, b))
+    return schedule
+
+
+class FragmentRunner:
+    """The blocks ``min_cut..N-1`` of one model, ready to run fragments that start at any cut ≥ min_cut.
+
+    Blocks before ``min_cut`` are built (the seeded weights must be drawn in the same order in every
+    process) and then dropped, so a worker only holds what its group needs.
+    """
+
+    def __init__(self, model: str, min_cut: int = 0, *, resolution: int | None = None, device: str = "cpu",
+                 weights: str | Path | None = None, seed: int = 0, num_classes: int = 1000) -> None:
+        self.info: ModelInfo = describe(model, resolution, num_classes=num_classes)
+        self.info.check_cut(min_cut)
+        self._min_cut = min_cut
+        self._device = torch.device(device)
+        blocks = build_blocks(model, resolution=self.info.resolution, weights=weights, seed=seed,
+                              num_classes=num_classes)
+        self._blocks: tuple[nn.Module, ...] = tuple(b.to(self._device) for b in blocks[min_cut:])
+        del blocks
+
+    @property
+    def model(self) -> str:
+        return self.info.name
+
+    @property
+    def n_blocks(self) -> int:
+        return self.info.n_blocks
+
+    @property
+    def min_cut(self) -> int:
+        return self._min_cut
+
+    @property
+    def device(self) -> str:
+        return str(self._device)
+
+    @property
+    def blocks(self) -> tuple[nn.Module, ...]:
+        """The blocks held: ``blocks[i]`` is block ``min_cut + i``."""
+        return self._blocks
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for b in self._blocks for p in b.parameters())
+
+    def _check_cut(self, cut: int) -> None:
+        self.info.check_cut(cut)
+        if cut < self._min_cut:
+            raise BadCut(f"cut {cut} is below this runner's first block {self._min_cut} ({self.model})",
+                         model=self.model, cut=cut)
+
+    def run_range(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Blocks ``start..end-1`` on a batch ``x`` (leading batch dim); ``x`` is not modified."""
+        if not self._min_cut <= start <= end <= self.n_blocks:
+            raise BadCut(f"block range {start}..{end} is outside {self._min_cut}..{self.n_blocks} "
+                         f"({self.model})", model=self.model, cut=start)
+        with torch.inference_mode():
+            h = x.to(self._device)
+            for j in range(start, end):
+                h = self._blocks[j - self._min_cut](h)
+        return h
+
+    def _request_tensor(self, cut: int, value: torch.Tensor | npt.NDArray[Any]) -> torch.Tensor:
+        t = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+        if not isinstance(t, torch.Tensor):
+            raise BadTensor(f"request tensor must be a tensor or ndarray, got {type(value).__name__}")
+        want = self.info.cut_shape(cut)
+        if t.dim() == len(want) + 1 and t.shape[0] == 1:
+            t = t[0]
+        if tuple(t.shape) != want or t.dtype != torch.float32:
+            raise BadTensor(f"{self.model} at cut {cut} takes float32 {list(want)}, "
+                            f"got {str(t.dtype).removeprefix('torch.')} {list(t.shape)}",
+                            model=self.model, cut=cut)
+        return t
+
+    def _run_batch(self, items: Sequence[Item]) -> tuple[torch.Tensor, list[int]]:
+        """Run a re-aligned batch; returns the batch output and, per item, its row in that output."""
+        by_cut: dict[int, list[int]] = {}
+        tensors: list[torch.Tensor] = []
+        for i, (cut, value) in enumerate(items):
+            self._check_cut(int(cut))
+            tensors.append(self._request_tensor(int(cut), value))
+            by_cut.setdefault(int(cut), []).append(i)
+        rows = [0] * len(items)
+        h: torch.Tensor | None = None
+        with torch.inference_mode():
+            for j, b in realigned_schedule([int(c) for c, _ in items], self.n_blocks):
+                if j in by_cut:
+                    # torch.stack copies, so no block ever sees the caller's memory.
+                    joining = torch.stack([tensors[i] for i in by_cut[j]]).to(self._device)
+                    start = 0 if h is None else h.shape[0]
+                    for k, i in enumerate(by_cut[j]):
+                        rows[i] = start + k
+                    h = joining if h is None else torch.cat([h, joining])
+                assert h is not None and h.shape[0] == b
+                h = self._blocks[j - self._min_cut](h)
+        assert h is not None
+        return h, rows
+
+    def run_realigned(self, items: Sequence[Item]) -> list[torch.Tensor]:
+        """Outputs (per request, on this runner's device) in the order of ``items``; see the module doc."""
+        if not items:
+            return []
+        out, rows = self._run_batch(items)
+        return [out[r] for r in rows]
+
+    def run_numpy(self, items: Sequence[Item]) -> list[npt.NDArray[np.float32]]:
+        """``run_realigned`` for workers: one device-to-host copy for the batch, one array per request."""
+        if not items:
+            return []
+        out, rows = self._run_batch(items)
+        host: npt.NDArray[np.float32] = out.cpu().numpy()
+        return [host[r] for r in rows]

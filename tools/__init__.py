@@ -1,0 +1,1 @@
+"""Graft's admin CLI (``graft``) and offline tools: models, profile, plan, simulate, bench, loadgen."""
