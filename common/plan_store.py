@@ -1,0 +1,86 @@
+"""Where plans live in Redis, and how services follow them.
+
+``graft:plan`` holds the current plan (a msgpack plan envelope); ``graft:plans`` is a stream with every
+plan ever published (history for ``graft plan diff``). Publishing is one MULTI/EXEC transaction
+guarded by the epoch, so epochs only grow even with two planners. Services poll the small
+``graft:plan`` key (a GET every ``interval``) rather than subscribing: a poll cannot miss a message
+across a reconnect, and switching happens at batch boundaries anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from redis.exceptions import WatchError
+
+from common import keys, wire
+from common.routing import PlanView
+
+HISTORY_MAXLEN = 1000
+
+
+class StaleEpoch(RuntimeError):
+    """A plan was published with an epoch not above the current one."""
+
+
+async def load_plan(r: Any) -> PlanView | None:
+    raw = await r.get(keys.PLAN)
+    if raw is None:
+        return None
+    return PlanView(wire.decode_plan(raw))
+
+
+async def publish_plan(r: Any, plan: Mapping[str, Any]) -> int:
+    """Publish ``plan`` as the current plan; its epoch must exceed the current one. Returns the epoch."""
+    epoch = int(plan["epoch"])
+    payload = wire.encode_plan(dict(plan))
+    async with r.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                await pipe.watch(keys.PLAN)
+                raw = await pipe.get(keys.PLAN)
+                current = PlanView(wire.decode_plan(raw)).epoch if raw is not None else -1
+                if epoch <= current:
+                    raise StaleEpoch(f"plan epoch {epoch} is not above the current epoch {current}")
+                pipe.multi()
+                pipe.set(keys.PLAN, payload)
+                pipe.xadd(keys.PLANS, {keys.FIELD: payload}, maxlen=HISTORY_MAXLEN, approximate=True)
+                await pipe.execute()
+                return epoch
+            except WatchError:
+                continue
+
+
+async def plan_history(r: Any, count: int = 20) -> list[dict[str, Any]]:
+    """The last ``count`` published plans, newest first."""
+    entries = await r.xrevrange(keys.PLANS, count=count)
+    return [wire.decode_plan(fields[keys.FIELD]) for _id, fields in entries]
+
+
+class PlanWatcher:
+    """Polls the current plan; ``changed()`` returns a new PlanView when the epoch moved forward."""
+
+    def __init__(self, r: Any, interval: float = 0.2) -> None:
+        self._r = r
+        self.interval = interval
+        self.current: PlanView | None = None
+
+    async def poll(self) -> PlanView | None:
+        """Fetch once; returns the new view if the epoch advanced, else None."""
+        view = await load_plan(self._r)
+        if view is not None and (self.current is None or view.epoch > self.current.epoch):
+            self.current = view
+            return view
+        return None
+
+    async def wait_first(self, timeout: float | None = None) -> PlanView:
+        """Block until a plan exists (services start before the planner has published)."""
+        async def _loop() -> PlanView:
+            while True:
+                await self.poll()
+                if self.current is not None:
+                    return self.current
+                await asyncio.sleep(self.interval)
+        return await asyncio.wait_for(_loop(), timeout)

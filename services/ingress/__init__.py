@@ -1,0 +1,73 @@
+"""Graft ingress: validates requests, stamps deadlines, routes them by the current plan, sheds load.
+
+The stream protocol, for producers written in any language
+==========================================================
+
+Everything is Redis Streams and msgpack; every stream entry has exactly one field, ``m``, holding a
+msgpack map (the *envelope*). Python producers use ``common.client.GraftClient`` instead.
+
+1. Submitting a request
+-----------------------
+``XADD graft:ingress * m <envelope>`` (you may add ``MAXLEN ~ 100000``). The envelope::
+
+    {"v": 1, "kind": "request",
+     "req_id": str,        # unique per request, 1-256 printable characters, no spaces
+     "client": str,        # your client id (same rules); replies go to graft:reply:{client}
+     "model": str,         # a model the current plan serves, e.g. "resnet18"
+     "cut": int,           # the device ran blocks 0..cut-1; 0 sends the input itself
+     "tensor": {"dtype": "float32", "shape": [C, H, W], "data": <bin: raw little-endian bytes, C order>},
+     "budget_ms": float,   # server-side budget; or omit it (nil) and give
+     "slo_ms": float,      #   the end-to-end SLO and
+     "device_ms": float}   #   the time already spent on the device: budget = slo_ms - device_ms
+
+Strings are msgpack ``str``, tensor data is msgpack ``bin``; absent optional fields may be nil. The
+tensor is ONE request's tensor, without a batch dimension: its shape must equal the shape the model
+produces before block ``cut`` at the served resolution
+(``common.models.describe(model, resolution).cut_shape(cut)``). Only float32 is accepted.
+The budget must be finite, > 0 and at most ``GRAFT_MAX_SLO_MS``; the tensor at most
+``GRAFT_MAX_TENSOR_BYTES``. ``deadline``/``received`` are set by the ingress; values you send are
+overwritten (``deadline = ingress receive time + budget_ms``, on the server's clock).
+
+2. Reading replies
+------------------
+Every request the ingress can attribute gets exactly one reply on ``graft:reply:{client}``; read it
+with ``XREAD BLOCK <ms> STREAMS graft:reply:{client} <last id>`` (start from the stream's last id,
+or ``$`` before your first submit). Match replies to requests by ``req_id``; ignore unknown ones
+(replies are idempotent, a duplicate never arrives, but a late one may after you gave up)::
+
+    {"v": 1, "kind": "reply", "req_id": str, "ok": bool,
+     "tensor": {"dtype", "shape", "data"} | nil,        # the model output when ok (no batch dim)
+     "error": {"code": str, "message": str, "details": map} | nil,
+     "server_ms": float,                                 # time spent on the server
+     "epoch": int | nil, "group": str | nil, "batch": int | nil}
+
+The reply stream expires a day after its last reply and keeps the last 10,000 replies.
+
+3. Error codes
+--------------
+=================  ===========================================================================
+INVALID_REQUEST    envelope not msgpack / wrong version / bad field, budget missing or out of
+                   range, message or tensor over the size limit
+UNKNOWN_MODEL      model unknown or not served by the current plan
+BAD_CUT            cut outside ``0..N-1`` (or not served by the current plan)
+BAD_TENSOR         dtype not float32, shape differs from the cut's shape (``details.expected`` /
+                   ``details.got``), data length disagrees with the shape, blob references
+DEADLINE_EXCEEDED  the request cannot finish within its budget (sent by workers)
+OVERLOADED         the group's backlog would make the request miss its budget; retry after
+                   ``details.retry_after_ms`` milliseconds
+INTERNAL           a server fault
+=================  ===========================================================================
+
+A message without readable ``req_id`` and ``client`` cannot be answered: it is moved to the
+dead-letter stream ``graft:dead:graft:ingress`` (fields ``m``, ``code``, ``message``, ``stream``,
+``group``, ``id``, ``deliveries``, ``consumer``, ``time_ms``) and counted in
+``graft_requests_total{service="ingress",outcome="MALFORMED"}``.
+
+4. Inside the server (for operators)
+------------------------------------
+Ingress processes share the consumer group ``ingress`` on ``graft:ingress``; each routes a batch to
+``graft:group:{epoch}:{gid}`` (consumer group ``workers``) and XADDs per-fragment statistics to
+``graft:stats`` every second (``kind: "stats"``: ``ingress``, ``ts``, ``window_s``, ``fragments``
+of ``{model, cut, count, min_budget_ms, p50_budget_ms}``, ``accepted``, ``rejected`` by code,
+``shed``). Heartbeat: ``graft:health:ingress:{name}`` (``python -m services.ingress --check``).
+"""

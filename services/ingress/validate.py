@@ -1,0 +1,140 @@
+"""Request validation at the edge: every rule maps to one error code, and nothing here touches Redis.
+
+A request is checked in the order a client would fix it: the envelope decodes (``INVALID_REQUEST`` /
+``BAD_TENSOR``), the message and tensor fit the size limits (``INVALID_REQUEST``), the model is served
+by the current plan (``UNKNOWN_MODEL``), the cut exists (``BAD_CUT``), the tensor is float32 of the
+cut's per-request shape (``BAD_TENSOR``), the budget is sane (``INVALID_REQUEST``). A message that
+fails before its ids can be read has nobody to answer; ``answerable_ids`` tells the service so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from common import wire
+from common.errors import BadTensor, InvalidRequest, UnknownModel
+from common.models import ModelInfo, describe
+
+# Envelope fields besides the tensor bytes (ids, model, numbers, msgpack framing) stay far below this.
+ENVELOPE_SLACK_BYTES = 64 * 1024
+
+Describe = Callable[[str, int | None], ModelInfo]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_tensor_bytes: int
+    max_slo_ms: float
+
+
+def sane_id(value: object) -> bool:
+    """Ids become part of Redis key names: printable, no whitespace, bounded."""
+    # isprintable() already refuses every whitespace but the ASCII space.
+    return isinstance(value, str) and 0 < len(value) <= wire.MAX_STR and value.isprintable() and " " not in value
+
+
+def answerable_ids(raw: object) -> tuple[str, str] | None:
+    """``(req_id, client)`` of a message that failed validation, or None when it cannot be answered."""
+    req_id, client = wire.peek_ids(raw)
+    if sane_id(req_id) and sane_id(client):
+        assert req_id is not None and client is not None
+        return req_id, client
+    return None
+
+
+class ModelCatalog:
+    """``ModelInfo`` and per-cut shapes of the served models, described once (``describe`` is costly)."""
+
+    def __init__(self, resolution: int | None, describe_fn: Describe = describe) -> None:
+        self.resolution = resolution or None
+        self._describe = describe_fn
+        self._infos: dict[str, ModelInfo] = {}
+        self._served: frozenset[str] = frozenset()
+        self._shapes: dict[tuple[str, int], tuple[int, ...]] = {}
+
+    def prepare(self, models: Iterable[str]) -> None:
+        """Describe the models not seen yet, without changing the served set (may run in a thread)."""
+        for name in sorted(set(models) - self._infos.keys()):
+            info = self._describe(name, self.resolution)
+            for cut in info.cuts:
+                self._shapes[(name, cut)] = info.cut_shape(cut)
+            self._infos[name] = info
+
+    def serve(self, models: Iterable[str]) -> None:
+        """Make ``models`` the served set (a plan change); models not prepared yet are described now."""
+        served = frozenset(models)
+        self.prepare(served)
+        self._served = served
+
+    @property
+    def served(self) -> frozenset[str]:
+        return self._served
+
+    def info(self, model: str) -> ModelInfo:
+        if model not in self._served:
+            known = ", ".join(sorted(self._served)) or "none yet"
+            raise UnknownModel(f"model {model!r} is not served by the current plan (served: {known})",
+                               model=model, served=sorted(self._served))
+        return self._infos[model]
+
+    def cut_shape(self, model: str, cut: int) -> tuple[int, ...]:
+        info = self.info(model)
+        shape = self._shapes.get((model, cut))
+        # An out-of-range cut is the only miss: ModelInfo raises the precise BadCut.
+        return shape if shape is not None else info.cut_shape(cut)
+
+
+class Validator:
+    def __init__(self, catalog: ModelCatalog, limits: Limits) -> None:
+        self.catalog = catalog
+        self.limits = limits
+
+    def check(self, raw: object) -> wire.Request:
+        """The decoded request with ``budget_ms`` set to the server budget, or the GraftError to reply."""
+        if isinstance(raw, bytes | bytearray | memoryview) and len(raw) > self.limits.max_tensor_bytes + ENVELOPE_SLACK_BYTES:
+            raise InvalidRequest(f"message of {len(raw)} bytes exceeds the limit of "
+                                 f"{self.limits.max_tensor_bytes} tensor bytes", size=len(raw))
+        req = wire.decode_request(raw)
+        if not sane_id(req.req_id) or not sane_id(req.client):
+            raise InvalidRequest("req_id and client must be printable strings without whitespace")
+        if req.tensor is not None and req.tensor.nbytes > self.limits.max_tensor_bytes:
+            raise InvalidRequest(f"tensor of {req.tensor.nbytes} bytes exceeds the limit of "
+                                 f"{self.limits.max_tensor_bytes}", size=int(req.tensor.nbytes))
+        expected = self.catalog.cut_shape(req.model, req.cut)  # UNKNOWN_MODEL, BAD_CUT
+        self._check_tensor(req, expected)
+        req.budget_ms = self._budget(req)
+        return req
+
+    def _check_tensor(self, req: wire.Request, expected: tuple[int, ...]) -> None:
+        t = req.tensor
+        if t is None:
+            raise BadTensor("this ingress accepts inline tensors only (blob references are not supported)")
+        if t.dtype != np.float32:
+            raise BadTensor(f"tensor dtype must be float32, got {t.dtype.name}",
+                            expected="float32", got=t.dtype.name)
+        if t.shape != expected:
+            raise BadTensor(
+                f"{req.model} at cut {req.cut} expects a per-request tensor of shape {list(expected)} "
+                f"(no batch dimension), got {list(t.shape)}",
+                expected=list(expected), got=list(t.shape),
+            )
+
+    def _budget(self, req: wire.Request) -> float:
+        if req.device_ms is not None and req.device_ms < 0:
+            raise InvalidRequest(f"device_ms must not be negative, got {req.device_ms}")
+        if req.slo_ms is not None and not 0 < req.slo_ms <= self.limits.max_slo_ms:
+            raise InvalidRequest(f"slo_ms must be in (0, {self.limits.max_slo_ms:g}], got {req.slo_ms:g}")
+        budget = req.server_budget_ms()
+        if budget is None:
+            raise InvalidRequest("request carries no budget: set budget_ms, or slo_ms (and device_ms)")
+        if not math.isfinite(budget) or budget <= 0:
+            raise InvalidRequest(f"server budget must be a positive number of ms, got {budget:g}",
+                                 budget_ms=budget)
+        if budget > self.limits.max_slo_ms:
+            raise InvalidRequest(f"server budget of {budget:g} ms exceeds the limit of "
+                                 f"{self.limits.max_slo_ms:g} ms", budget_ms=budget)
+        return budget

@@ -1,0 +1,107 @@
+"""Turning observed traffic and admin commands into the next plan (pure: no Redis).
+
+The planner re-plans when the traffic drifted past a threshold and the current epoch is old enough
+(hysteresis: a minimum epoch length stops a noisy rate from flapping plans), or at once when an admin
+asks. Admin overrides survive re-plans: a group pinned with ``graft scale`` keeps at least its
+replicas while a group with the same model and cuts exists, and drained devices receive no replicas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from common.planning.place import device_kind, place
+from common.planning.policies import plan as make_plan
+from common.planning.types import Group, Plan, workload_from_dict
+from common.profiles import Profile
+
+GroupKey = tuple[str, tuple[int, ...]]
+
+
+@dataclass
+class Steering:
+    """Admin state the planner keeps between epochs."""
+
+    pinned: dict[GroupKey, int] = field(default_factory=dict)
+    drained: set[str] = field(default_factory=set)
+
+    def apply(self, cmd: Mapping[str, Any], current: Mapping[str, Any] | None) -> str:
+        """Record one control command; returns a short description (raises ValueError when malformed)."""
+        kind = cmd.get("cmd")
+        if kind == "replan":
+            return "replan"
+        if kind == "scale":
+            gid, n = cmd.get("group"), cmd.get("replicas")
+            if not isinstance(n, int) or n < 1:
+                raise ValueError("scale needs replicas >= 1")
+            groups = {g["id"]: g for g in (current or {}).get("groups", [])}
+            if gid not in groups:
+                raise ValueError(f"scale: no group {gid!r} in the current plan")
+            g = groups[gid]
+            self.pinned[(str(g["model"]), tuple(int(c) for c in g["cuts"]))] = n
+            return f"scale {gid} to {n}"
+        if kind in ("drain", "undrain"):
+            dev = cmd.get("device")
+            if not isinstance(dev, str) or not dev:
+                raise ValueError(f"{kind} needs a device name")
+            (self.drained.add if kind == "drain" else self.drained.discard)(dev)
+            return f"{kind} {dev}"
+        raise ValueError(f"unknown control command {kind!r}")
+
+
+def next_plan(profile: Profile, workload: Mapping[str, Any], *, epoch: int, rho: float, steering: Steering,
+              profile_name: str, policy: str = "graft") -> dict[str, Any]:
+    """Plan ``workload`` with ``policy``, then apply pins and drained devices."""
+    fragments = workload_from_dict(workload)
+    plan = make_plan(profile, fragments, policy, rho=rho, epoch=epoch, profile_name=profile_name)
+    plan = _apply_pins(plan, steering.pinned, profile)
+    out = plan.to_dict()
+    out["placement"] = _skip_drained(out["placement"], steering.drained)
+    out["workload"] = list(workload["fragments"])
+    return out
+
+
+def same_serving(a: Mapping[str, Any] | None, b: Mapping[str, Any]) -> bool:
+    """True when two plans run the same groups with the same (B, g, n) on the same devices.
+
+    Publishing such a plan would only churn replica processes (a new epoch means new streams and
+    new replicas), so the planner keeps the current epoch and just moves its drift baseline.
+    """
+    if a is None:
+        return False
+
+    def shape(p: Mapping[str, Any]) -> tuple[Any, ...]:
+        groups = sorted((g["model"], tuple(g["cuts"]), g["batch"], g["share"], g["replicas"]) for g in p["groups"])
+        devices = sorted((d["device"], len(d["replicas"])) for d in p.get("placement", []))
+        return tuple(groups), tuple(devices)
+
+    return shape(a) == shape(b)
+
+
+def _apply_pins(plan: Plan, pinned: Mapping[GroupKey, int], profile: Profile) -> Plan:
+    if not pinned:
+        return plan
+    groups: list[Group] = []
+    for g in plan.groups:
+        n = pinned.get((g.model, tuple(g.cuts)))
+        groups.append(replace(g, replicas=max(g.replicas, n)) if n else g)
+    return replace(plan, groups=tuple(groups), placement=place(groups, device_kind(profile)))
+
+
+def _skip_drained(placement: Sequence[Mapping[str, Any]], drained: set[str]) -> list[dict[str, Any]]:
+    """Rename devices so no replica lands on a drained one (devices of a kind are interchangeable)."""
+    if not drained:
+        return [dict(p) for p in placement]
+    out: list[dict[str, Any]] = []
+    used: set[str] = set()
+    for p in placement:
+        name = str(p["device"])
+        prefix = name.rstrip("0123456789")
+        i = 0
+        while f"{prefix}{i}" in drained or f"{prefix}{i}" in used:
+            i += 1
+        used.add(f"{prefix}{i}")
+        out.append({**p, "device": f"{prefix}{i}"})
+    return out

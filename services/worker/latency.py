@@ -1,0 +1,134 @@
+"""How long a replica expects a batch to take, corrected online by what it measures.
+
+The batching policy needs ``L(batch)`` for the composition it is about to launch (``{cut: count}``).
+The first guess is the profile's re-aligned latency at the group's share (design.md section 2); a
+replica then corrects it with every measured batch, because the profile may come from another host,
+another resolution, or a CPU whose timings wander with the other processes on it:
+
+* a geometric EWMA of ``measured / predicted`` scales every prediction (robust to one slow outlier);
+* a small EWMA memo per exact composition answers repeated compositions directly.
+
+Without a usable profile entry (model missing, share off the grid) the base prediction is a work model
+``k · Σ_c n_c·(N − c) + k · (N − c_min)`` — block-requests plus one launch per block — whose ``k``
+starts from the plan's promised latency and is learnt the same way. Nothing here touches Redis or
+torch, so it is unit-tested alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+
+import structlog
+
+from common.profiles import ModelProfile, Profile, ProfileError, shipped
+from common.routing import GroupSpec, PlanView
+from common.settings import Settings
+
+log = structlog.get_logger("worker.latency")
+
+Counts = Mapping[int, int]
+
+DEFAULT_S_PER_UNIT = 0.5e-3  # a block-request on a small model on one CPU core, before any measurement
+MEMO_SIZE = 256
+
+
+def composition(counts: Counts) -> tuple[tuple[int, int], ...]:
+    return tuple(sorted((int(c), int(n)) for c, n in counts.items() if n > 0))
+
+
+def work_units(counts: Counts, n_blocks: int) -> float:
+    """Block-requests of a re-aligned batch plus one unit per block launched."""
+    present = [c for c, n in counts.items() if n > 0]
+    if not present:
+        return 0.0
+    return float(sum(n * (n_blocks - c) for c, n in counts.items() if n > 0) + n_blocks - min(present))
+
+
+class LatencyModel:
+    """Predicted batch time in seconds; ``observe`` feeds back each measured batch."""
+
+    def __init__(self, n_blocks: int, *, profile: ModelProfile | None = None, share: int | None = None,
+                 prior_ms: float = 0.0, prior_batch: int = 1, prior_cut: int = 0, alpha: float = 0.2) -> None:
+        self.n_blocks = n_blocks
+        self.alpha = alpha
+        self.source = "online"
+        self.fallback_reason = "" if profile is not None else "no profile"
+        self._profile: ModelProfile | None = None
+        self._share = 0
+        if profile is not None and share is not None:
+            try:
+                profile.share_index(share)
+                if profile.n_blocks != n_blocks:
+                    raise ProfileError(f"profile has {profile.n_blocks} blocks, the model {n_blocks}")
+                self._profile, self._share, self.source = profile, int(share), "profile"
+            except ProfileError as exc:
+                self.fallback_reason = str(exc)
+        units = work_units({prior_cut: max(1, prior_batch)}, n_blocks)
+        self._s_per_unit = prior_ms / 1000.0 / units if prior_ms > 0 and units > 0 else DEFAULT_S_PER_UNIT
+        self._log_ratio = 0.0
+        self._memo: OrderedDict[tuple[tuple[int, int], ...], float] = OrderedDict()
+        self.samples = 0
+
+    @property
+    def ratio(self) -> float:
+        """Current correction factor measured / base prediction."""
+        return math.exp(self._log_ratio)
+
+    def base_s(self, counts: Counts) -> float:
+        """Uncorrected prediction: the profile's L(batch, g), else the work model."""
+        if self._profile is not None:
+            return self._profile.realigned_latency({c: float(n) for c, n in counts.items()}, self._share) / 1000.0
+        return self._s_per_unit * work_units(counts, self.n_blocks)
+
+    def predict_s(self, counts: Counts) -> float:
+        key = composition(counts)
+        if not key:
+            return 0.0
+        memo = self._memo.get(key)
+        if memo is not None:
+            return memo
+        return self.base_s(counts) * self.ratio
+
+    __call__ = predict_s  # the batching policy's LatencyModel protocol: counts -> seconds
+
+    def predict_ms(self, counts: Counts) -> float:
+        return 1000.0 * self.predict_s(counts)
+
+    def observe(self, counts: Counts, measured_s: float) -> None:
+        key = composition(counts)
+        if not key or not math.isfinite(measured_s) or measured_s <= 0:
+            return
+        base = self.base_s(counts)
+        if base > 0:
+            # Geometric mean of the ratio: one batch that stalled behind another process moves it little.
+            step = math.log(measured_s / base) - self._log_ratio
+            self._log_ratio = max(-5.0, min(5.0, self._log_ratio + self.alpha * step))
+        old = self._memo.pop(key, None)
+        self._memo[key] = measured_s if old is None else (1 - self.alpha) * old + self.alpha * measured_s
+        while len(self._memo) > MEMO_SIZE:
+            self._memo.popitem(last=False)
+        self.samples += 1
+
+
+def load_latency_model(settings: Settings, plan: PlanView, spec: GroupSpec, n_blocks: int) -> LatencyModel:
+    """Profile latency at the group's share when the profile knows the model, else the online model."""
+    name = settings.profile or plan.raw.get("profile")
+    profile = None
+    reason = "no profile configured"
+    if isinstance(name, str) and name:
+        path = Path(name) if Path(name).exists() else shipped(name)
+        try:
+            profile = Profile.load(path).model(spec.model)
+        except ProfileError as exc:
+            reason = str(exc)
+    model = LatencyModel(n_blocks, profile=profile, share=spec.share, prior_ms=spec.latency_ms,
+                         prior_batch=spec.batch, prior_cut=spec.min_cut)
+    if model.source != "profile":
+        # Only a profile that is configured but unusable is worth a warning; none at all is a choice.
+        emit = log.warning if profile is not None or reason != "no profile configured" else log.info
+        emit("latency_model_online", model=spec.model, share=spec.share,
+             reason=model.fallback_reason if profile is not None else reason)
+    return model

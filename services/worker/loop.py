@@ -1,0 +1,251 @@
+"""A replica's serving loop: EDF queue → deadline-aware batches → re-aligned execution → replies.
+
+The loop owns the queue of admitted jobs and asks the shared ``BatchPolicy`` what to do: drop the
+requests that can no longer make it (``DEADLINE_EXCEEDED``), launch a batch when it is full or the
+head's slack has run out, otherwise sleep until the policy's wait expires or a request arrives. One
+batch runs at a time (a replica is one share of one device), in a thread, so the event loop keeps
+reading, reaping and heartbeating meanwhile. Every measured batch corrects the latency model, and the
+policy is rebuilt from it (the policy caches single-request latencies, which must follow the model).
+
+Replies leave through ``sink``: the replica sends a batch's replies and XACKs its entries in one
+pipelined round trip. The loop never talks to Redis itself, so it runs against a list in unit tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from common import wire
+from common.batching import BatchPolicy, EdfQueue, Pending
+from common.errors import DeadlineExceeded, GraftError, InternalError
+from common.logs import Event
+from common.metrics import BATCH_SIZE, REQUESTS, SLO, STAGE_MS
+from services.worker.intake import Job
+from services.worker.latency import LatencyModel
+
+log = structlog.get_logger("worker.loop")
+
+IDLE_WAIT_S = 0.5  # nothing queued: re-check this often even without a wake-up
+REPLY_S = 0.002  # starting guess of the reply round trip
+JITTER_S = 0.005  # starting guess of how late a timer fires on a busy host
+SAFETY_S = 0.001
+
+
+class Runner(Protocol):
+    def run_numpy(self, items: Sequence[tuple[int, Any]]) -> list[npt.NDArray[np.float32]]: ...
+
+
+@dataclass(slots=True)
+class Done:
+    """One answered entry: ack ``entry_id``; reply to ``client`` (None: nobody to answer)."""
+
+    entry_id: str
+    client: str | None
+    reply: wire.Reply
+
+
+Sink = Callable[[list[Done]], Awaitable[None]]
+
+
+class BatchLoop:
+    def __init__(self, runner: Runner, latency: LatencyModel, sink: Sink, *, max_batch: int, epoch: int,
+                 group: str, alpha: float = 0.2) -> None:
+        self.runner = runner
+        self.latency = latency
+        self.sink = sink
+        self.max_batch = max_batch
+        self.epoch = epoch
+        self.group = group
+        self.alpha = alpha
+        self.queue = EdfQueue()
+        self.jobs: dict[str, Job] = {}  # entry id -> job, queued or in flight
+        self.in_flight: set[str] = set()
+        # The policy launches a lone request at the last moment its slack allows, so the margin must
+        # cover what happens after that moment: the reply round trip and a timer that fires late.
+        self.reply_s = REPLY_S
+        self.jitter_s = JITTER_S
+        self.policy = self._policy()
+        self.batches = 0
+        self.served = 0
+        self.expired = 0
+        self._wake = asyncio.Event()
+        self._space = asyncio.Event()
+        self._space.set()
+
+    @property
+    def margin_s(self) -> float:
+        return self.reply_s + self.jitter_s + SAFETY_S
+
+    def _policy(self) -> BatchPolicy:
+        return BatchPolicy(self.max_batch, self.latency, margin_s=self.margin_s, drop_early=True)
+
+    def _woke_late(self, late_s: float) -> None:
+        # A decaying peak, not a mean: one late timer is what makes a request miss.
+        self.jitter_s = max(late_s, 0.95 * self.jitter_s, SAFETY_S)
+        self.policy.margin_s = self.margin_s
+
+    # -------------------------------------------------------------------------------- queue side
+
+    @property
+    def size(self) -> int:
+        return len(self.jobs)
+
+    @property
+    def idle(self) -> bool:
+        return not self.jobs
+
+    def held(self) -> list[str]:
+        return list(self.jobs)
+
+    def holds(self, entry_id: str) -> bool:
+        return entry_id in self.jobs
+
+    def add(self, job: Job) -> bool:
+        """Queue a job; False when its entry is already held (a re-read or a reclaim of our own entry)."""
+        if job.entry_id in self.jobs:
+            return False
+        self.jobs[job.entry_id] = job
+        self.queue.add(job.pending)
+        self._wake.set()
+        return True
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def wait_for_space(self, capacity: int) -> None:
+        while self.size >= capacity:
+            self._space.clear()
+            await self._space.wait()
+
+    def _take(self, pendings: Sequence[Pending]) -> list[Job]:
+        self.queue.discard(pendings)
+        return [self.jobs[p.req_id] for p in pendings]
+
+    def _release(self, jobs: Sequence[Job]) -> None:
+        for job in jobs:
+            self.jobs.pop(job.entry_id, None)
+            self.in_flight.discard(job.entry_id)
+        self._space.set()
+
+    # --------------------------------------------------------------------------------- the loop
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set and the queue is empty (a stopping loop launches without waiting)."""
+        while True:
+            if stop.is_set() and not self.queue:
+                return
+            self._wake.clear()
+            now = time.time()
+            decision = self.policy.decide(self.queue, now)
+            if decision.drop:
+                await self.expire(self._take(decision.drop), now)
+            launch = decision.launch
+            if not launch and stop.is_set() and self.queue:
+                launch = self.queue.pop_batch(self.max_batch)
+            if launch:
+                await self.execute(self._take(launch))
+                continue
+            if decision.drop:
+                continue
+            timeout = IDLE_WAIT_S if decision.wait_s is None else min(decision.wait_s, IDLE_WAIT_S)
+            if stop.is_set():
+                continue
+            slept = time.perf_counter()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                self._woke_late(time.perf_counter() - slept - timeout)
+
+    async def expire(self, jobs: Sequence[Job], now: float | None = None) -> None:
+        """Answer ``DEADLINE_EXCEEDED`` to jobs that cannot (or did not) make their deadline."""
+        if not jobs:
+            return
+        now = time.time() if now is None else now
+        done = []
+        for job in jobs:
+            late_ms = round((now - job.deadline) * 1000.0, 3)
+            exc = DeadlineExceeded(f"request cannot finish before its deadline (late by {max(late_ms, 0.0)} ms "
+                                   f"or too little time left to run)", late_ms=late_ms)
+            done.append(Done(job.entry_id, job.client, self._failure(job, exc, now, None)))
+            log.info(Event.DEADLINE_EXCEEDED, req_id=job.req_id, cut=job.pending.cut, late_ms=late_ms)
+        self.expired += len(done)
+        SLO.labels(group=self.group, met="false").inc(len(done))
+        try:
+            await self.sink(done)
+        finally:
+            self._release(jobs)
+
+    async def execute(self, jobs: list[Job]) -> None:
+        """Run one re-aligned batch and answer every job in it (an error reply if the batch fails)."""
+        n = len(jobs)
+        self.in_flight.update(j.entry_id for j in jobs)
+        counts: dict[int, int] = {}
+        for j in jobs:
+            counts[j.pending.cut] = counts.get(j.pending.cut, 0) + 1
+        predicted = self.latency.predict_s(counts)
+        start = time.time()
+        for j in jobs:
+            STAGE_MS.labels(stage="queue").observe(max(0.0, start - j.received) * 1000.0)
+        items = [(j.pending.cut, j.request.tensor) for j in jobs]
+        try:
+            t0 = time.perf_counter()
+            outputs = await asyncio.to_thread(self.runner.run_numpy, items)
+            compute_s = time.perf_counter() - t0
+        except Exception as exc:
+            err = exc if isinstance(exc, GraftError) else InternalError(f"batch failed: {type(exc).__name__}: {exc}")
+            log.exception(Event.BATCH_FAILED, size=n, composition=sorted(counts.items()), error=str(exc))
+            now = time.time()
+            SLO.labels(group=self.group, met="false").inc(n)
+            try:
+                await self.sink([Done(j.entry_id, j.client, self._failure(j, err, now, n)) for j in jobs])
+            finally:
+                self._release(jobs)
+            return
+        STAGE_MS.labels(stage="compute").observe(compute_s * 1000.0)
+        BATCH_SIZE.labels(group=self.group).observe(n)
+        self.latency.observe(counts, compute_s)
+        now = time.time()
+        compute_ms = compute_s * 1000.0
+        done = [Done(j.entry_id, j.client, wire.Reply.result(
+            j.req_id, out, server_ms=(now - j.received) * 1000.0, epoch=self.epoch, group=self.group, batch=n,
+            timings=self._timings(j, start, compute_ms)))
+            for j, out in zip(jobs, outputs, strict=True)]
+        t1 = time.perf_counter()
+        try:
+            await self.sink(done)
+        finally:
+            self._release(jobs)
+        reply_s = time.perf_counter() - t1
+        STAGE_MS.labels(stage="reply").observe(reply_s * 1000.0)
+        finished = time.time()
+        met = sum(1 for j in jobs if finished <= j.deadline)
+        SLO.labels(group=self.group, met="true").inc(met)
+        SLO.labels(group=self.group, met="false").inc(n - met)
+        REQUESTS.labels(service="worker", outcome="ok").inc(n)
+        self.reply_s = (1 - self.alpha) * self.reply_s + self.alpha * reply_s
+        self.policy = self._policy()
+        self.batches += 1
+        self.served += n
+        log.debug(Event.BATCH_DONE, size=n, composition=sorted(counts.items()), predicted_ms=round(predicted * 1e3, 3),
+                  compute_ms=round(compute_s * 1e3, 3), reply_ms=round(reply_s * 1e3, 3), met=met)
+
+    @staticmethod
+    def _timings(job: Job, start: float, compute_ms: float) -> dict[str, float]:
+        """Where the server time went: ingress + stream hop, the batching hold, the model itself."""
+        admitted = job.admitted or job.received
+        return {"queue_ms": round(max(0.0, admitted - job.received) * 1000.0, 3),
+                "wait_ms": round(max(0.0, start - admitted) * 1000.0, 3),
+                "compute_ms": round(compute_ms, 3)}
+
+    def _failure(self, job: Job, exc: GraftError, now: float, batch: int | None) -> wire.Reply:
+        REQUESTS.labels(service="worker", outcome=str(exc.code)).inc()
+        return wire.Reply.failure(job.req_id, exc, server_ms=(now - job.received) * 1000.0, epoch=self.epoch,
+                                  group=self.group, batch=batch)

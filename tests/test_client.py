@@ -1,0 +1,185 @@
+"""The client SDK end to end: SDK → real ingress (in-process) → a fake worker that answers via ReplySender."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from redis.asyncio import Redis
+
+import common.client
+from common import keys, wire
+from common.client import GraftClient
+from common.errors import BadCut, BadTensor, DeadlineExceeded, Overloaded
+from common.models import describe
+from common.plan_store import publish_plan
+from common.replies import ReplySender
+from common.settings import Settings
+from common.streams import ensure_group
+from services.ingress.service import IngressService
+
+RES = 32
+
+
+def one_group_plan(n_blocks: int) -> dict[str, Any]:
+    g = {"id": "all", "model": "resnet18", "fragments": [], "cuts": list(range(n_blocks)), "batch": 8, "share": 100,
+         "replicas": 4, "latency_ms": 5.0, "rate_rps": 100.0, "min_budget_ms": 0.0}
+    return {"epoch": 1, "policy": "test", "profile": "test", "rho": 0.9, "groups": [g], "infeasible": [],
+            "placement": [{"device": "cpu0", "replicas": [{"group": "all", "share": 1}]}], "total_share": 1,
+            "gpus": 0, "routes": {}}
+
+
+async def fake_worker(r: Redis, stop: asyncio.Event) -> None:
+    """Answers each request with ``[sum(tensor), cut]``; req_id prefixes pick an error or silence."""
+    stream = keys.group_stream(1, "all")
+    await ensure_group(r, stream, keys.WORKER_GROUP, "0")
+    sender = ReplySender(r)
+    while not stop.is_set():
+        resp = await r.xreadgroup(keys.WORKER_GROUP, "fake-0", {stream: ">"}, count=64, block=20)
+        rows = [row for _, rows in resp or [] for row in rows]
+        out: list[tuple[str, wire.Reply]] = []
+        for _, fields in rows:
+            req = wire.decode_request(fields[keys.FIELD])
+            assert req.tensor is not None and req.deadline is not None
+            if req.req_id.startswith("silent"):
+                continue
+            if req.req_id.startswith("late"):
+                rep = wire.Reply.failure(req.req_id, DeadlineExceeded("the deadline passed in the queue"))
+            elif req.req_id.startswith("busy"):
+                rep = wire.Reply.failure(req.req_id, Overloaded("replicas saturated", retry_after_ms=123))
+            else:
+                result = np.array([req.tensor.sum(), req.cut], np.float32)
+                rep = wire.Reply.result(req.req_id, result, server_ms=1.5, epoch=1, group="all", batch=len(rows))
+            out.append((req.client, rep))
+        await sender.send_many(out)
+        if rows:
+            await r.xack(stream, keys.WORKER_GROUP, *[i for i, _ in rows])
+
+
+async def running_system(redis: Redis, settings: Settings) -> AsyncIterator[None]:
+    await publish_plan(redis, one_group_plan(describe("resnet18", settings.resolution or None).n_blocks))
+    stop = asyncio.Event()
+    ingress = IngressService(redis, settings, name="ingress-c", plan_interval_s=0.05)
+    tasks = [asyncio.create_task(ingress.run(stop)), asyncio.create_task(fake_worker(redis, stop))]
+    await asyncio.wait_for(ingress.ready.wait(), 10)
+    yield
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+
+@pytest.fixture
+async def system(redis: Redis, redis_url: str) -> AsyncIterator[None]:
+    settings = Settings(redis_url=redis_url, models=("resnet18",), resolution=RES)
+    async for _ in running_system(redis, settings):
+        yield
+
+
+@pytest.fixture
+async def client(system: None, redis_url: str) -> AsyncIterator[GraftClient]:
+    async with GraftClient(redis_url, client_id="test-client", default_timeout_s=5.0) as c:
+        yield c
+
+
+SHAPE = describe("resnet18", RES).cut_shape(4)
+
+
+async def test_submit_returns_the_result(client: GraftClient) -> None:
+    x = np.full(SHAPE, 0.25, np.float32)
+    y = await client.submit("resnet18", 4, x, slo_ms=400.0, device_ms=50.0)
+    assert y.tolist() == [pytest.approx(x.sum()), 4.0]
+    rep = await client.submit_reply("resnet18", 4, torch.ones(SHAPE, dtype=torch.float64), budget_ms=200.0)
+    assert rep.ok and rep.epoch == 1 and rep.group == "all" and rep.server_ms == 1.5 and rep.batch is not None
+    assert rep.tensor is not None and rep.tensor[0] == pytest.approx(float(np.prod(SHAPE)))
+    assert client.in_flight == 0
+
+
+async def test_error_replies_raise_typed_errors(client: GraftClient) -> None:
+    x = np.zeros(SHAPE, np.float32)
+    with pytest.raises(BadCut):
+        await client.submit("resnet18", 99, x, budget_ms=100.0)
+    with pytest.raises(BadTensor) as bad:
+        await client.submit("resnet18", 4, x[:, :1], budget_ms=100.0)
+    assert bad.value.details["expected"] == list(SHAPE)
+    with pytest.raises(DeadlineExceeded):
+        await client.submit("resnet18", 4, x, budget_ms=100.0, req_id="late-1")
+    with pytest.raises(Overloaded) as busy:
+        await client.submit("resnet18", 4, x, budget_ms=100.0, req_id="busy-1")
+    assert busy.value.retry_after_ms == 123
+    rep = await client.submit_reply("resnet18", 4, x, budget_ms=100.0, req_id="late-2")
+    assert not rep.ok and rep.error is not None and rep.error.code == "DEADLINE_EXCEEDED"
+
+
+async def test_timeout_cleans_up_and_late_or_unknown_replies_are_ignored(client: GraftClient, redis: Redis) -> None:
+    x = np.zeros(SHAPE, np.float32)
+    with pytest.raises(TimeoutError):
+        await client.submit("resnet18", 4, x, budget_ms=100.0, req_id="silent-1", timeout_s=0.3)
+    assert client.in_flight == 0
+    # The reply arrives after the submit gave up, plus one nobody asked for and one that is garbage.
+    sender = ReplySender(redis)
+    await sender.send(client.client_id, wire.Reply.result("silent-1", np.zeros(2, np.float32)))
+    await sender.send(client.client_id, wire.Reply.result("ghost", np.zeros(2, np.float32)))
+    await redis.xadd(client.reply_stream, {keys.FIELD: b"\x00garbage"})
+    y = await client.submit("resnet18", 4, x + 1, budget_ms=100.0)
+    assert y[0] == pytest.approx(float(np.prod(SHAPE)))
+
+
+async def test_many_concurrent_submits(client: GraftClient) -> None:
+    xs = [np.full(SHAPE, i, np.float32) for i in range(200)]
+    ys = await asyncio.gather(*(client.submit("resnet18", 4, x, budget_ms=5_000.0) for x in xs))
+    assert [float(y[0]) for y in ys] == pytest.approx([float(x.sum()) for x in xs])
+    assert client.in_flight == 0
+    mixed = await client.submit_many("resnet18", 4, [xs[1], xs[2][:1]], budget_ms=5_000.0)
+    assert isinstance(mixed[0], np.ndarray) and isinstance(mixed[1], BadTensor)
+
+
+async def test_client_needs_somewhere_to_connect(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    with pytest.raises(ValueError, match="REDIS_URL"):
+        GraftClient()
+    with pytest.raises(ValueError, match="client_id"):
+        GraftClient("redis://localhost:1", client_id="has space")
+
+
+async def test_close_fails_waiting_submits(system: None, redis_url: str) -> None:
+    c = await GraftClient(redis_url, client_id="closer").start()
+    waiting = asyncio.create_task(c.submit("resnet18", 4, np.zeros(SHAPE, np.float32), budget_ms=100.0,
+                                           req_id="silent-2"))
+    await asyncio.sleep(0.1)
+    await c.close()
+    with pytest.raises(common.client.ClientClosed):
+        await waiting
+
+
+def readme_snippet() -> str:
+    doc = common.client.__doc__ or ""
+    block = doc.split("Used from a plain script::", 1)[1].split("One background task", 1)[0]
+    return "\n".join(line[4:] for line in block.splitlines()).strip() + "\n"
+
+
+@pytest.fixture
+async def full_size_system(redis: Redis, redis_url: str) -> AsyncIterator[None]:
+    async for _ in running_system(redis, Settings(redis_url=redis_url, models=("resnet18",))):
+        yield
+
+
+async def test_readme_snippet_runs_as_a_plain_script(full_size_system: None, redis_url: str, tmp_path: Path) -> None:
+    script = tmp_path / "snippet.py"
+    script.write_text(readme_snippet())
+    env = {**os.environ, "REDIS_URL": redis_url}
+    # In a thread: the event loop keeps serving the ingress and the worker the script talks to.
+    root = Path(__file__).resolve().parents[1]  # noqa: ASYNC240
+    proc = await asyncio.to_thread(
+        subprocess.run, [sys.executable, str(script)], env=env, cwd=root,
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(r"class \d+\n", proc.stdout)

@@ -1,0 +1,287 @@
+"""The ingress loop in-process against the private Redis: routing, error replies, shedding, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from redis.asyncio import Redis
+
+from common import keys, wire
+from common.errors import BadCut
+from common.metrics import REGISTRY
+from common.models import describe
+from common.plan_store import publish_plan
+from common.routing import PlanView
+from common.settings import Settings
+from common.streams import list_dead_letters
+from services.ingress.__main__ import check
+from services.ingress.bench import measure_routing_rate
+from services.ingress.service import IngressService, route
+
+RES = 32
+INFO = describe("resnet18", RES)
+N = INFO.n_blocks
+
+
+def group(gid: str, cuts: list[int], *, replicas: int = 2, batch: int = 8, latency_ms: float = 10.0,
+          min_budget_ms: float = 0.0) -> dict[str, Any]:
+    return {"id": gid, "model": "resnet18", "fragments": [], "cuts": cuts, "batch": batch, "share": 50,
+            "replicas": replicas, "latency_ms": latency_ms, "rate_rps": 100.0, "min_budget_ms": min_budget_ms}
+
+
+def plan(epoch: int, groups: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"epoch": epoch, "policy": "test", "profile": "test", "rho": 0.9, "groups": groups, "infeasible": [],
+            "placement": [{"device": "cpu0", "replicas": [{"group": g["id"], "share": 1} for g in groups]}],
+            "total_share": len(groups), "gpus": 0, "routes": {}}
+
+
+# g1 drains 10 req/s: a handful of queued entries already costs seconds.
+PLAN = plan(1, [group("g0", list(range(7))), group("g1", list(range(7, N)), replicas=1, batch=1, latency_ms=100.0)])
+
+
+def request(req_id: str, cut: int = 2, client: str = "cli", **kw: Any) -> bytes:
+    shape = INFO.cut_shape(cut) if 0 <= cut < N else (4,)
+    fields: dict[str, Any] = {"req_id": req_id, "client": client, "model": "resnet18", "cut": cut,
+                              "tensor": np.full(shape, 0.5, np.float32), "budget_ms": 500.0}
+    fields.update(kw)
+    return wire.encode_request(wire.Request(**fields))
+
+
+async def eventually(probe: Callable[[], Awaitable[Any]], timeout: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+async def replies(r: Redis, client: str, n: int) -> dict[str, wire.Reply]:
+    async def probe() -> list[Any]:
+        rows = await r.xrange(keys.reply_stream(client))
+        return rows if len(rows) >= n else []
+    rows = await eventually(probe)
+    return {(rep := wire.decode_reply(f[keys.FIELD])).req_id: rep for _, f in rows}
+
+
+async def group_entries(r: Redis, stream: str, n: int) -> list[wire.Request]:
+    async def probe() -> list[Any]:
+        rows = await r.xrange(stream)
+        return rows if len(rows) >= n else []
+    return [wire.decode_request(f[keys.FIELD]) for _, f in await eventually(probe)]
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Settings:
+    return Settings(redis_url=redis_url, models=("resnet18",), resolution=RES, max_slo_ms=10_000.0)
+
+
+@pytest.fixture
+async def ingress(redis: Redis, settings: Settings) -> AsyncIterator[IngressService]:
+    await publish_plan(redis, PLAN)
+    service = IngressService(redis, settings, name="ingress-t", plan_interval_s=0.05, shed_interval_s=0.03,
+                             stats_interval_s=0.1, heartbeat_s=0.1)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    await asyncio.wait_for(service.ready.wait(), 10)
+    yield service
+    stop.set()
+    await asyncio.wait_for(task, 10)
+
+
+async def send(r: Redis, *payloads: bytes) -> None:
+    """XADD atomically, so the ingress reads them as one batch (one stats window)."""
+    async with r.pipeline(transaction=True) as pipe:
+        for p in payloads:
+            pipe.xadd(keys.INGRESS, {keys.FIELD: p})
+        await pipe.execute()
+
+
+async def test_valid_requests_routed_by_cut_with_deadline_stamped(redis: Redis, ingress: IngressService) -> None:
+    before = time.time()
+    await send(redis, request("a", cut=0), request("b", cut=6), request("c", cut=N - 1, budget_ms=None,
+                                                                         slo_ms=300.0, device_ms=100.0))
+    g0 = await group_entries(redis, keys.group_stream(1, "g0"), 2)
+    (c,) = await group_entries(redis, keys.group_stream(1, "g1"), 1)
+    assert [r.req_id for r in g0] == ["a", "b"] and c.req_id == "c"
+    for req in (*g0, c):
+        assert req.received is not None and req.deadline is not None and before <= req.received <= time.time()
+        assert req.tensor is not None and req.tensor.shape == INFO.cut_shape(req.cut)
+    assert g0[0].deadline == pytest.approx(g0[0].received + 0.5)  # type: ignore[operator]
+    assert c.budget_ms == pytest.approx(200.0) and c.deadline == pytest.approx(c.received + 0.2)  # type: ignore[operator]
+    assert np.all(g0[1].tensor == 0.5)
+    pending = await redis.xpending(keys.INGRESS, keys.INGRESS_GROUP)
+    assert pending["pending"] == 0
+    ok = REGISTRY.get_sample_value("graft_requests_total", {"service": "ingress", "outcome": "ok"})
+    assert ok is not None and ok >= 3
+    assert REGISTRY.get_sample_value("graft_plan_epoch", {"service": "ingress"}) == 1
+
+
+async def test_each_bad_input_gets_its_error_code(redis: Redis, ingress: IngressService) -> None:
+    bad_body = msgpack.unpackb(request("body"))
+    bad_body["tensor"] = "nonsense"
+    await send(
+        redis,
+        request("no-budget", budget_ms=None),
+        request("too-long", budget_ms=20_000.0),
+        request("model", model="resnet9000"),
+        request("cut", cut=N + 3),
+        request("shape", tensor=np.zeros((1, *INFO.cut_shape(2)), np.float32)),
+        request("dtype", tensor=np.zeros(INFO.cut_shape(2), np.float16)),
+        msgpack.packb(bad_body, use_bin_type=True),
+        request("fine"),
+    )
+    got = await replies(redis, "cli", 7)
+    codes = {rid: (rep.error.code if rep.error else "ok") for rid, rep in got.items()}
+    assert codes == {"no-budget": "INVALID_REQUEST", "too-long": "INVALID_REQUEST", "model": "UNKNOWN_MODEL",
+                     "cut": "BAD_CUT", "shape": "BAD_TENSOR", "dtype": "BAD_TENSOR", "body": "BAD_TENSOR"}
+    shape_err = got["shape"].error
+    assert shape_err is not None and shape_err.details["expected"] == list(INFO.cut_shape(2))
+    assert all(rep.epoch == 1 and not rep.ok for rep in got.values())
+    (fine,) = await group_entries(redis, keys.group_stream(1, "g0"), 1)
+    assert fine.req_id == "fine"
+
+
+async def test_overloaded_when_backlog_exceeds_budget(redis: Redis, ingress: IngressService) -> None:
+    stream = keys.group_stream(1, "g1")
+    # 30 entries a worker never took, at 10 req/s: ~3 s of wait, far beyond a 500 ms budget.
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(30):
+            pipe.xadd(stream, {keys.FIELD: request(f"old{i}", cut=N - 1)})
+        await pipe.execute()
+    await eventually(lambda: _polled(ingress, "g1", 30))
+    await send(redis, request("late", cut=N - 1), request("patient", cut=N - 1, budget_ms=9_000.0),
+               request("other-group", cut=1))
+    (rep,) = (await replies(redis, "cli", 1)).values()
+    assert rep.req_id == "late" and rep.error is not None and rep.error.code == "OVERLOADED"
+    assert 2_500 <= rep.error.details["retry_after_ms"] <= 4_000
+    entries = await group_entries(redis, stream, 31)
+    assert entries[-1].req_id == "patient"
+    (other,) = await group_entries(redis, keys.group_stream(1, "g0"), 1)
+    assert other.req_id == "other-group"
+
+
+async def _polled(service: IngressService, gid: str, n: int) -> bool:
+    return service.backlogs.backlog(gid) >= n
+
+
+async def test_malformed_entries_dead_lettered_and_ingress_keeps_running(redis: Redis, ingress: IngressService) -> None:
+    await send(redis, b"\x93\x01\x02", msgpack.packb({"v": 1, "kind": "request", "model": "resnet18"}))
+    await redis.xadd(keys.INGRESS, {b"other": b"field"})  # no payload field at all
+    await send(redis, request("after"))
+    (after,) = await group_entries(redis, keys.group_stream(1, "g0"), 1)
+    assert after.req_id == "after"
+    dead = await eventually(lambda: _dead(redis, 3))
+    assert [d.code for d in dead] == ["INVALID_REQUEST"] * 3
+    assert {d.payload for d in dead} == {b"\x93\x01\x02", b"", msgpack.packb(
+        {"v": 1, "kind": "request", "model": "resnet18"})}
+    assert all(d.group == keys.INGRESS_GROUP for d in dead)
+    assert (await redis.xpending(keys.INGRESS, keys.INGRESS_GROUP))["pending"] == 0
+    assert ingress.dead_lettered_total == 3
+    malformed = REGISTRY.get_sample_value("graft_requests_total", {"service": "ingress", "outcome": "MALFORMED"})
+    assert malformed is not None and malformed >= 2
+
+
+async def _dead(r: Redis, n: int) -> list[Any]:
+    rows = await list_dead_letters(r, keys.INGRESS)
+    return rows if len(rows) >= n else []
+
+
+async def test_stats_messages_count_fragments(redis: Redis, ingress: IngressService) -> None:
+    await send(redis, request("s1", cut=2, budget_ms=100.0), request("s2", cut=2, budget_ms=300.0),
+               request("s3", cut=9), request("bad", cut=99))
+    await replies(redis, "cli", 1)
+
+    async def totals() -> dict[str, Any]:
+        rows = await redis.xrange(keys.STATS)
+        msgs = [wire.decode_message(f[keys.FIELD], "stats") for _, f in rows]
+        frags: dict[tuple[str, int], int] = {}
+        for m in msgs:
+            for f in m["fragments"]:
+                frags[(f["model"], f["cut"])] = frags.get((f["model"], f["cut"]), 0) + f["count"]
+        done = sum(m["accepted"] for m in msgs) == 3 and sum(m["rejected"].get("BAD_CUT", 0) for m in msgs) == 1
+        return {"msgs": msgs, "frags": frags} if done else {}
+
+    got = await eventually(totals)
+    assert got["frags"] == {("resnet18", 2): 2, ("resnet18", 9): 1}
+    first = next(f for m in got["msgs"] for f in m["fragments"] if f["cut"] == 2)
+    assert first["min_budget_ms"] == 100.0 and first["p50_budget_ms"] == 200.0
+    assert all(m["ingress"] == "ingress-t" and m["window_s"] >= 0 for m in got["msgs"])
+
+
+async def test_switches_to_a_newer_plan_between_batches(redis: Redis, ingress: IngressService) -> None:
+    await publish_plan(redis, plan(2, [group("all", list(range(N)))]))
+    await eventually(lambda: _epoch(ingress, 2))
+    assert REGISTRY.get_sample_value("graft_plan_epoch", {"service": "ingress"}) == 2
+    await send(redis, request("new", cut=3))
+    (new,) = await group_entries(redis, keys.group_stream(2, "all"), 1)
+    assert new.req_id == "new"
+    # the new plan's stream has the worker group ready before any replica starts
+    assert [g["name"] for g in await redis.xinfo_groups(keys.group_stream(2, "all"))] == [b"workers"]
+
+
+async def _epoch(service: IngressService, epoch: int) -> bool:
+    return service.view is not None and service.view.epoch == epoch
+
+
+async def test_waits_for_the_first_plan_before_consuming(redis: Redis, settings: Settings) -> None:
+    service = IngressService(redis, settings, name="ingress-w", plan_interval_s=0.05)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    await send(redis, request("early"))
+    await asyncio.sleep(0.3)
+    assert not service.ready.is_set() and await redis.xlen(keys.group_stream(1, "g0")) == 0
+    await publish_plan(redis, PLAN)
+    (early,) = await group_entries(redis, keys.group_stream(1, "g0"), 1)
+    assert early.req_id == "early"
+    stop.set()
+    await asyncio.wait_for(task, 10)
+
+
+async def test_heartbeat_backs_the_check(redis: Redis, ingress: IngressService, settings: Settings) -> None:
+    await eventually(lambda: redis.exists(keys.health("ingress", "ingress-t")))
+    assert await check(settings, "ingress-t") and await check(settings, None)
+    assert not await check(settings, "someone-else")
+
+
+def test_route_falls_back_to_the_nearest_group_below_an_unlisted_cut() -> None:
+    view = PlanView(plan(3, [group("a", [0, 1]), group("b", [4, 5]), group("b-loose", [4, 5], min_budget_ms=5.0)]))
+    assert route(view, "resnet18", 1, 50.0).id == "a"
+    assert route(view, "resnet18", 3, 50.0).id == "a"
+    assert route(view, "resnet18", 9, 50.0).id == "b-loose"
+    assert route(view, "resnet18", 9, 1.0).id == "b"
+    with pytest.raises(BadCut):
+        route(PlanView(plan(3, [group("b", [4])])), "resnet18", 2, 50.0)
+
+
+async def test_routing_bench_routes_everything(redis: Redis, redis_url: str) -> None:
+    rate = await measure_routing_rate(redis_url, n=400)
+    assert rate > 0
+    assert not await redis.exists(keys.PLAN)  # the bench cleans up after itself
+
+
+async def test_poison_entry_is_dead_lettered_and_still_answered(redis: Redis, settings: Settings) -> None:
+    """An entry this consumer already failed on too often goes to dead letters, with an INTERNAL reply."""
+    await publish_plan(redis, PLAN)
+    await redis.xgroup_create(keys.INGRESS, keys.INGRESS_GROUP, id="0", mkstream=True)
+    await send(redis, request("poison"))
+    await redis.xreadgroup(keys.INGRESS_GROUP, "ingress-p", {keys.INGRESS: ">"})
+    for _ in range(settings.max_deliveries):  # each re-read of its own pending counts a delivery
+        await redis.xreadgroup(keys.INGRESS_GROUP, "ingress-p", {keys.INGRESS: "0"})
+    service = IngressService(redis, settings, name="ingress-p", plan_interval_s=0.05)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    got = await replies(redis, "cli", 1)
+    assert got["poison"].error is not None and got["poison"].error.code == "INTERNAL"
+    assert [d.entry_id for d in await list_dead_letters(redis, keys.INGRESS)] != []
+    assert await redis.xlen(keys.group_stream(1, "g0")) == 0
+    stop.set()
+    await asyncio.wait_for(task, 10)

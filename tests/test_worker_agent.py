@@ -1,0 +1,127 @@
+"""The worker agent: real replica child processes that follow the plan, restart, drain and stop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from common import keys, wire
+from common.logs import Event
+from common.plan_store import publish_plan
+from common.settings import Settings
+from services.worker.__main__ import main as worker_main
+from services.worker.agent import Agent
+from services.worker.device import Device
+from services.worker.supervisor import (
+    BACKOFF_MAX_S,
+    BACKOFF_START_S,
+    EXIT_CONFIG,
+    STABLE_S,
+    ReplicaProcess,
+    ReplicaSlot,
+    State,
+)
+
+GROUP = "g0"
+
+
+def plan(epoch: int, replicas: int) -> dict[str, Any]:
+    return {
+        "epoch": epoch, "policy": "test", "profile": None, "rho": 0.9,
+        "groups": [{"id": GROUP, "model": "resnet18", "fragments": [["resnet18", 8]], "cuts": [8], "batch": 2,
+                    "share": 1, "replicas": replicas, "latency_ms": 5.0, "rate_rps": 1.0, "min_budget_ms": 100.0}],
+        "infeasible": [],
+        "placement": [{"device": "cpu0", "replicas": [{"group": GROUP, "share": 1}] * replicas},
+                      {"device": "gpu0", "replicas": [{"group": GROUP, "share": 50}]}],  # another host's
+        "total_share": replicas, "gpus": 0, "routes": {},
+    }
+
+
+async def until(cond: Callable[[], Any], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_agent_runs_restarts_drains_and_stops_replica_processes(redis: Any, redis_url: str) -> None:
+    settings = Settings(redis_url=redis_url, resolution=32, models=("resnet18",), log_level="warning")
+    await publish_plan(redis, plan(1, replicas=2))
+    agent = Agent(settings, [Device("cpu", 0)], name="test-agent", poll_s=0.05, stop_grace_s=10.0)
+    with capture_logs() as logs:
+        task = asyncio.create_task(agent.run())
+        try:
+            await until(lambda: len([p for p in agent.replicas if p.alive]) == 2, 20, "two replica processes")
+            assert sorted(p.slot.consumer for p in agent.replicas) == ["cpu0-g0-0", "cpu0-g0-1"]
+            assert {p.slot.device.name for p in agent.replicas} == {"cpu0"}  # gpu0 is another agent's
+
+            # A replica that dies (here while still starting) is restarted under the same consumer name.
+            victim = next(p for p in agent.replicas if p.slot.index == 1)
+            old_pid = victim.pid
+            assert old_pid is not None
+            os.kill(old_pid, signal.SIGKILL)
+            await until(lambda: victim.restarts == 1 and victim.alive, 20, "the killed replica's restart")
+            assert victim.pid != old_pid and victim.last_exit == -signal.SIGKILL
+            exits = [e for e in logs if e["event"] == Event.REPLICA_EXITED]
+            assert any(e["exit_code"] == -signal.SIGKILL and e["consumer"] == "cpu0-g0-1" for e in exits)
+
+            # Both children really serve: each heartbeats under its stable consumer name.
+            names = [keys.health("replica", f"cpu0-g0-{i}") for i in (0, 1)]
+            deadline = time.monotonic() + 40
+            while await redis.exists(*names) != 2:
+                assert time.monotonic() < deadline, "replicas never heartbeat"
+                await asyncio.sleep(0.1)
+            beat = wire.decode_message(await redis.get(keys.health("worker", "test-agent")), "health")
+            assert beat["epoch"] == 1 and len(beat["replicas"]) == 2
+
+            # A new epoch with one replica: it starts, and the two old ones drain (empty stream) and exit 0.
+            old = list(agent.replicas)
+            await publish_plan(redis, plan(2, replicas=1))
+            await until(lambda: any(p.slot.epoch == 2 and p.alive for p in agent.replicas), 20, "the epoch-2 replica")
+            await until(lambda: all(p.slot.epoch == 2 for p in agent.replicas), 60, "old replicas to drain")
+            assert all(p.last_exit == 0 and p.state == State.EXITED for p in old)
+            drained = [e for e in logs if e["event"] == Event.GROUP_DRAINED and e.get("epoch") == 1]
+            assert len(drained) == 2
+            [new] = agent.replicas
+            child = new.proc
+        finally:
+            agent.stop()
+            code = await asyncio.wait_for(task, 30)
+    assert code == 0
+    assert child is not None and child.returncode is not None  # stopped with the agent
+    assert agent.replicas == []
+    assert not await redis.exists(keys.health("worker", "test-agent"))
+
+
+def test_check_reports_the_heartbeat(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis as sync_redis
+
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    assert worker_main(["--devices", "cpu0", "--name", "probe", "--check"]) == 1
+    client = sync_redis.Redis.from_url(redis_url)
+    try:
+        client.set(keys.health("worker", "probe"), wire.encode_message("health", {"ts": time.time()}), ex=5)
+        assert worker_main(["--devices", "cpu0", "--name", "probe", "--check"]) == 0
+    finally:
+        client.delete(keys.health("worker", "probe"))
+        client.close()
+    assert worker_main(["--devices", "gpu7", "--check"]) == 2  # no such device here: refused up front
+
+
+def test_restart_backoff_doubles_caps_and_resets_after_a_stable_run() -> None:
+    proc = ReplicaProcess(ReplicaSlot(1, GROUP, Device("cpu", 0), 0, 1), env={})
+    proc.started_at = 100.0
+    delays = [proc.schedule_restart(100.0 + i) for i in range(7)]
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0] and proc.state == State.BACKOFF
+    assert not proc.due(100.0) and proc.due(200.0)
+    proc.started_at = 200.0
+    assert proc.schedule_restart(200.0 + STABLE_S) == BACKOFF_START_S  # it ran stably: fast again
+    proc.last_exit = EXIT_CONFIG
+    assert proc.schedule_restart(300.0) == BACKOFF_MAX_S  # a plan it cannot serve: no fast retries

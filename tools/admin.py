@@ -1,0 +1,113 @@
+"""What the admin CLI asks of a live Graft: status, plans, dead letters, and commands to the planner.
+
+Plain async functions over a Redis client returning plain data; ``tools/cli_admin.py`` renders them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from common import keys, wire
+from common.errors import InvalidRequest
+from common.plan_store import load_plan, plan_history
+from common.routing import PlanView
+
+CONTROL_MAXLEN = 1000
+
+
+async def services_status(r: Any) -> list[dict[str, Any]]:
+    """Every fresh heartbeat: service, name, age in seconds and the status it reported."""
+    rows: list[dict[str, Any]] = []
+    async for key in r.scan_iter(match=keys.health_pattern(), count=500):
+        raw = await r.get(key)
+        if raw is None:
+            continue
+        k = key.decode() if isinstance(key, bytes) else str(key)
+        _prefix, _h, service, name = k.split(":", 3)
+        try:
+            body = wire.unpackb(raw)
+        except InvalidRequest:
+            body = {}
+        ts = body.get("ts")
+        age = round(time.time() - float(ts), 2) if isinstance(ts, int | float) else None
+        info = {k2: v for k2, v in body.items() if k2 not in ("v", "kind", "ts")}
+        rows.append({"service": service, "name": name, "age_s": age, **info})
+    rows.sort(key=lambda row: (str(row["service"]), str(row["name"])))
+    return rows
+
+
+async def group_backlogs(r: Any, view: PlanView) -> list[dict[str, Any]]:
+    """Per group of the plan: stream length, lag and pending of the worker consumer group."""
+    out: list[dict[str, Any]] = []
+    for gid, stream in view.streams().items():
+        row: dict[str, Any] = {"group": gid, "stream": stream, "length": await r.xlen(stream),
+                               "lag": None, "pending": None, "consumers": 0}
+        try:
+            for g in await r.xinfo_groups(stream):
+                name = g.get("name") or g.get(b"name")
+                if name in (keys.WORKER_GROUP, keys.WORKER_GROUP.encode()):
+                    row.update(lag=g.get("lag"), pending=g.get("pending"), consumers=g.get("consumers"))
+        except Exception:  # no such stream yet: nothing routed to it
+            pass
+        out.append(row)
+    return out
+
+
+async def dead_letters(r: Any, count: int = 20) -> list[dict[str, Any]]:
+    """The newest dead letters of every stream."""
+    rows: list[dict[str, Any]] = []
+    async for key in r.scan_iter(match=keys.dead_letters("*"), count=500):
+        for entry_id, fields in await r.xrevrange(key, count=count):
+            decoded = {(k.decode() if isinstance(k, bytes) else k): (v.decode(errors="replace") if isinstance(v, bytes)
+                       and k not in (keys.FIELD,) else v) for k, v in fields.items()}
+            decoded.pop("m", None)
+            decoded.pop(keys.FIELD, None)
+            rows.append({"stream": key.decode() if isinstance(key, bytes) else key,
+                         "id": entry_id.decode() if isinstance(entry_id, bytes) else entry_id, **decoded})
+    return rows
+
+
+async def purge_dead_letters(r: Any) -> int:
+    n = 0
+    async for key in r.scan_iter(match=keys.dead_letters("*"), count=500):
+        n += await r.xlen(key)
+        await r.delete(key)
+    return n
+
+
+async def send_control(r: Any, cmd: str, **args: Any) -> str:
+    """Queue a command for the planner (``replan``, ``scale``, ``drain``, ``undrain``)."""
+    entry_id = await r.xadd(keys.CONTROL, {keys.FIELD: wire.encode_message("control", {"cmd": cmd, **args})},
+                            maxlen=CONTROL_MAXLEN, approximate=True)
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+async def current_plan(r: Any) -> PlanView | None:
+    return await load_plan(r)
+
+
+async def recent_plans(r: Any, count: int = 2) -> list[dict[str, Any]]:
+    return await plan_history(r, count)
+
+
+def diff_plans(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Groups added, removed and changed between two plans (matched by model and cuts)."""
+    def index(plan: dict[str, Any]) -> dict[tuple[str, tuple[int, ...]], dict[str, Any]]:
+        return {(g["model"], tuple(g["cuts"])): g for g in plan.get("groups", [])}
+
+    a, b = index(old), index(new)
+    changed = []
+    for key in sorted(set(a) & set(b)):
+        ga, gb = a[key], b[key]
+        delta = {f: (ga.get(f), gb.get(f)) for f in ("batch", "share", "replicas") if ga.get(f) != gb.get(f)}
+        if delta:
+            changed.append({"model": key[0], "cuts": list(key[1]), **{f: f"{x} → {y}" for f, (x, y) in delta.items()}})
+    return {
+        "epochs": (old.get("epoch"), new.get("epoch")),
+        "added": [{"model": k[0], "cuts": list(k[1])} for k in sorted(set(b) - set(a))],
+        "removed": [{"model": k[0], "cuts": list(k[1])} for k in sorted(set(a) - set(b))],
+        "changed": changed,
+        "total_share": (old.get("total_share"), new.get("total_share")),
+        "gpus": (old.get("gpus"), new.get("gpus")),
+    }

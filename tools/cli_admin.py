@@ -1,0 +1,156 @@
+"""``graft status | scale | drain | undrain | replan | dead-letters`` and ``graft plan show | diff``:
+inspect and steer a live system through its Redis (``--redis-url`` or ``REDIS_URL``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from common.settings import Settings
+from common.streams import connect
+from tools import admin
+
+T = TypeVar("T")
+console = Console()
+
+RedisUrl = Annotated[str | None, typer.Option("--redis-url", envvar="REDIS_URL", help="Redis of the live system")]
+
+
+def _with_redis(url: str | None, fn: Callable[[Any], Awaitable[T]]) -> T:
+    if not url:
+        console.print("[red]no Redis given: pass --redis-url or set REDIS_URL[/red]")
+        raise typer.Exit(2)
+
+    async def go() -> T:
+        r = connect(url, settings=Settings.from_env())
+        try:
+            return await fn(r)
+        finally:
+            await r.aclose()
+
+    return asyncio.run(go())
+
+
+def _table(title: str, rows: list[dict[str, Any]], columns: list[str] | None = None) -> Table:
+    cols = columns or sorted({k for row in rows for k in row})
+    t = Table(title=title)
+    for c in cols:
+        t.add_column(c)
+    for row in rows:
+        t.add_row(*[("" if row.get(c) is None else str(row.get(c))) for c in cols])
+    return t
+
+
+def plan_table(plan: dict[str, Any]) -> Table:
+    t = Table(title=f"plan epoch {plan.get('epoch')} · policy {plan.get('policy')} · total share "
+                    f"{plan.get('total_share')} · devices {plan.get('gpus')}")
+    for c in ("group", "model", "cuts", "batch", "share", "replicas", "latency ms", "rate rps", "min budget ms"):
+        t.add_column(c)
+    for g in plan.get("groups", []):
+        t.add_row(str(g["id"]), str(g["model"]), ",".join(map(str, g["cuts"])), str(g["batch"]), str(g["share"]),
+                  str(g["replicas"]), f"{float(g.get('latency_ms', 0)):.2f}", f"{float(g.get('rate_rps', 0)):.1f}",
+                  f"{float(g.get('min_budget_ms', 0)):.1f}")
+    return t
+
+
+def status(redis_url: RedisUrl = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Services (heartbeats), the current plan and the backlog of every group stream."""
+    async def go(r: Any) -> dict[str, Any]:
+        view = await admin.current_plan(r)
+        return {"services": await admin.services_status(r),
+                "plan": view.raw if view else None,
+                "groups": await admin.group_backlogs(r, view) if view else []}
+
+    data = _with_redis(redis_url, go)
+    if as_json:
+        typer.echo(json.dumps(data, default=str, indent=1))
+        return
+    console.print(_table("services", data["services"], ["service", "name", "age_s", "status", "epoch"]))
+    if data["plan"] is None:
+        console.print("no plan published yet")
+        return
+    console.print(plan_table(data["plan"]))
+    console.print(_table("group streams", data["groups"], ["group", "length", "lag", "pending", "consumers"]))
+
+
+def plan_show(redis_url: RedisUrl = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The plan the live system runs now."""
+    view = _with_redis(redis_url, admin.current_plan)
+    if view is None:
+        console.print("no plan published yet")
+        raise typer.Exit(1)
+    if as_json:
+        typer.echo(json.dumps(view.raw, indent=1))
+    else:
+        console.print(plan_table(view.raw))
+
+
+def plan_diff(redis_url: RedisUrl = None) -> None:
+    """What changed between the last two published plans."""
+    plans = _with_redis(redis_url, lambda r: admin.recent_plans(r, 2))
+    if len(plans) < 2:
+        console.print(f"only {len(plans)} plan(s) published so far: nothing to diff")
+        raise typer.Exit(1)
+    d = admin.diff_plans(plans[1], plans[0])
+    console.print(f"epoch {d['epochs'][0]} → {d['epochs'][1]}; total share {d['total_share'][0]} → "
+                  f"{d['total_share'][1]}; devices {d['gpus'][0]} → {d['gpus'][1]}")
+    for what in ("added", "removed", "changed"):
+        if d[what]:
+            console.print(_table(what, d[what]))
+
+
+def scale(group: Annotated[str, typer.Argument(help="group id of the current plan")],
+          replicas: Annotated[int, typer.Argument(min=1)], redis_url: RedisUrl = None) -> None:
+    """Pin a group's replica count (the planner publishes a new epoch)."""
+    entry = _with_redis(redis_url, lambda r: admin.send_control(r, "scale", group=group, replicas=replicas))
+    console.print(f"scale request queued ({entry})")
+
+
+def drain(device: Annotated[str, typer.Argument(help="a placement device, e.g. gpu1")],
+          redis_url: RedisUrl = None) -> None:
+    """Move every replica off a device (its streams drain before its replicas exit)."""
+    entry = _with_redis(redis_url, lambda r: admin.send_control(r, "drain", device=device))
+    console.print(f"drain request queued ({entry})")
+
+
+def undrain(device: Annotated[str, typer.Argument()], redis_url: RedisUrl = None) -> None:
+    """Give a drained device back to the planner."""
+    entry = _with_redis(redis_url, lambda r: admin.send_control(r, "undrain", device=device))
+    console.print(f"undrain request queued ({entry})")
+
+
+def replan(redis_url: RedisUrl = None) -> None:
+    """Ask the planner to re-plan now from the traffic it has observed."""
+    entry = _with_redis(redis_url, lambda r: admin.send_control(r, "replan"))
+    console.print(f"replan request queued ({entry})")
+
+
+def dead_letters(redis_url: RedisUrl = None, count: Annotated[int, typer.Option()] = 20,
+                 purge: Annotated[bool, typer.Option("--purge", help="delete them after listing")] = False) -> None:
+    """Entries that could not be processed, with their error."""
+    rows = _with_redis(redis_url, lambda r: admin.dead_letters(r, count))
+    console.print(_table("dead letters", rows) if rows else "no dead letters")
+    if purge:
+        n = _with_redis(redis_url, admin.purge_dead_letters)
+        console.print(f"purged {n} dead letter(s)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("status")(status)
+    app.command("scale")(scale)
+    app.command("drain")(drain)
+    app.command("undrain")(undrain)
+    app.command("replan")(replan)
+    app.command("dead-letters")(dead_letters)
+    plan_app = next((g.typer_instance for g in app.registered_groups if g.name == "plan"), None)
+    if plan_app is None:
+        plan_app = typer.Typer(help="Plans: make, verify, show and diff.")
+        app.add_typer(plan_app, name="plan")
+    plan_app.command("show")(plan_show)
+    plan_app.command("diff")(plan_diff)

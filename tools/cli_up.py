@@ -1,0 +1,136 @@
+"""``graft up [--demo]``: run Graft locally (embedded Redis when REDIS_URL is unset)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from common import logs
+from common.plan_store import load_plan
+from common.profiles import Profile
+from common.settings import Settings
+from common.streams import connect
+from tools.cli_admin import plan_table
+from tools.loadgen import emulate_devices, run_load
+from tools.up import ensure_profile, start_system, wait_for_signal, wait_ready
+
+console = Console()
+DEMO_MODELS = ("resnet18", "mobilenet_v2")
+DEMO_RESOLUTION = 64
+
+
+def summary_table(s: dict[str, Any]) -> Table:
+    t = Table(title="demo summary")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    rows = [
+        ("requests sent", s["requests"]), ("replied ok", s["ok"]),
+        ("outcomes", ", ".join(f"{k}={v}" for k, v in s["outcomes"].items())),
+        ("SLO attainment", f"{100 * s['slo_attainment']:.1f}%"),
+        ("server time p50 / p99 (ms)", f"{s['server_ms_p50']:.1f} / {s['server_ms_p99']:.1f}"),
+        ("round trip p50 / p99 (ms)", f"{s['rtt_ms_p50']:.1f} / {s['rtt_ms_p99']:.1f}"),
+        ("mean batch size", f"{s['mean_batch']:.2f}"),
+        ("goodput (req/s in budget)", f"{s['goodput_rps']:.1f}"),
+        ("emulated devices", f"{s['devices']} (+{s['unplaced_devices']} with no feasible cut)"),
+        ("plan epochs seen", ", ".join(map(str, s["epochs"]))),
+        ("device cuts", ", ".join(f"{k}×{v}" for k, v in s["cuts"].items())),
+    ]
+    for k, v in rows:
+        t.add_row(k, str(v))
+    return t
+
+
+async def _up(settings: Settings, demo: bool, duration: float, devices: int, rate: float, slo: list[float],
+              trace: str | None, json_out: Path | None) -> int:
+    profile_path, measured = ensure_profile(settings, progress=True)
+    console.print(f"profile: {profile_path}{' (measured now, cached)' if measured else ''}")
+    log_dir = Path(".graft") / "logs" / time.strftime("%Y%m%d-%H%M%S")
+    system = await start_system(settings, profile_path, log_dir=log_dir)
+    console.print(f"redis: {system.redis_url}{' (embedded)' if system.redis else ''}; service logs in {log_dir}")
+    try:
+        with console.status("waiting for plan and replicas…") as st:
+            plan = await wait_ready(system, on_wait=lambda msg: st.update(f"waiting: {msg}"))
+        console.print(plan_table(plan))
+        if not demo:
+            console.print("Graft is up. Producers XADD to graft:ingress (see README). Ctrl-C stops everything.")
+            await wait_for_signal()
+            return 0
+        profile = Profile.load(profile_path)
+        devs, unplaced = emulate_devices(profile, list(settings.models), devices, slo_ms=slo, rate_rps=rate,
+                                         seed=settings.seed, trace_path=trace)
+        if not devs:
+            console.print("[red]no emulated device found a feasible cut; raise --slo-ms[/red]")
+            return 1
+        with Progress(TextColumn("demo load"), BarColumn(), TextColumn("{task.completed} replies"),
+                      TimeRemainingColumn(), console=console) as prog:
+            task = prog.add_task("load", total=None)
+            t0 = time.monotonic()
+
+            def tick(_o: object) -> None:
+                prog.update(task, advance=1, description=f"{time.monotonic() - t0:.0f}s")
+
+            report = await run_load(system.redis_url, devs, duration_s=duration,
+                                    resolution=settings.resolution or None, seed=settings.seed, on_outcome=tick)
+        report.unplaced = unplaced
+        s = report.summary()
+        console.print(summary_table(s))
+        r = connect(system.redis_url, settings=settings)
+        try:
+            view = await load_plan(r)
+            if view is not None and view.epoch != plan.get("epoch"):
+                console.print("the planner re-planned from the observed traffic:")
+                console.print(plan_table(view.raw))
+        finally:
+            await r.aclose()
+        if json_out is not None:
+            await asyncio.to_thread(json_out.write_text, json.dumps(s, indent=1))
+        return 0 if s["ok"] > 0 else 1
+    finally:
+        with console.status("stopping services…"):
+            await system.stop()
+        for name, st in system.supervisor.status().items():
+            if st["restarts"]:
+                console.print(f"[yellow]{name} was restarted {st['restarts']} time(s); see {log_dir}[/yellow]")
+
+
+def up(
+    demo: Annotated[bool, typer.Option("--demo", help="run a short built-in load and print a summary")] = False,
+    profile: Annotated[Path | None, typer.Option(help="profile JSON (default: measured on first start)")] = None,
+    models: Annotated[str | None, typer.Option(help="comma-separated models to serve")] = None,
+    resolution: Annotated[int | None, typer.Option(help="input resolution (0: model default)")] = None,
+    duration: Annotated[float, typer.Option(help="demo load duration (s)")] = 20.0,
+    devices: Annotated[int, typer.Option(help="emulated devices in the demo")] = 16,
+    rate: Annotated[float, typer.Option(help="requests/s per emulated device")] = 3.0,
+    slo_ms: Annotated[str, typer.Option(help="comma-separated SLOs the devices draw from (ms)")] = "250,400",
+    trace: Annotated[str | None, typer.Option(help="mahimahi uplink trace for the devices (default: synthetic)")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json-out", help="write the demo summary as JSON")] = None,
+) -> None:
+    """Start Redis (embedded if REDIS_URL is unset), planner, ingress and workers; --demo drives a load."""
+    logs.configure("console", "warning")
+    over: dict[str, Any] = {}
+    if profile is not None:
+        over["profile"] = str(profile)
+    if models:
+        over["models"] = tuple(m.strip() for m in models.split(",") if m.strip())
+    elif demo:
+        over["models"] = DEMO_MODELS
+    if resolution is not None:
+        over["resolution"] = resolution
+    elif demo:
+        over["resolution"] = DEMO_RESOLUTION
+    settings = Settings.from_env(**over)
+    slos = [float(x) for x in slo_ms.split(",") if x.strip()]
+    code = asyncio.run(_up(settings, demo, duration, devices, rate, slos, trace, json_out))
+    raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("up")(up)

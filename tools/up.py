@@ -1,0 +1,144 @@
+"""``graft up``: the whole system as local processes — embedded Redis, planner, ingress, worker agent.
+
+With no ``REDIS_URL`` a private Redis is started (and stopped on exit). The profile comes from
+``--profile``/``GRAFT_PROFILE``, or is measured on this host the first time (progress shown) and
+cached under ``~/.cache/graft``. ``--demo`` then drives a short load from emulated devices and prints
+what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common import keys
+from common.plan_store import load_plan
+from common.profiles import Profile
+from common.redis_server import RedisServer
+from common.settings import Settings
+from common.streams import connect, wait_for_redis
+from tools.supervisor import ChildSpec, Supervisor, service_argv
+
+CACHE_DIR = Path(os.environ.get("GRAFT_CACHE_DIR", Path.home() / ".cache" / "graft"))
+CPU_BATCHES = (1, 2, 4, 8)
+
+
+def resolve_device(settings: Settings) -> str:
+    if settings.device != "auto":
+        return settings.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cached_profile_path(settings: Settings, device: str) -> Path:
+    key = f"{device}|{','.join(sorted(settings.models))}|{settings.resolution}|{CPU_BATCHES}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    return CACHE_DIR / "profiles" / f"{device}-{digest}.json"
+
+
+def ensure_profile(settings: Settings, *, progress: bool = True) -> tuple[Path, bool]:
+    """Profile path for this host: given, cached, or measured now. Returns (path, measured_now)."""
+    if settings.profile:
+        return Path(settings.profile), False
+    device = resolve_device(settings)
+    path = cached_profile_path(settings, device)
+    if path.exists():
+        with contextlib.suppress(Exception):
+            prof = Profile.load(path)
+            if set(settings.models) <= set(prof.models):
+                return path, False
+    from common.profiler import profile_models
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shares: tuple[int, ...] = (1,) if device == "cpu" else tuple(range(10, 101, 10))
+    prof = profile_models(list(settings.models), device=device, batches=list(CPU_BATCHES), shares=list(shares),
+                          resolution=settings.resolution or None, progress=progress)
+    prof.save(path)
+    return path, True
+
+
+@dataclass
+class System:
+    settings: Settings
+    redis_url: str
+    supervisor: Supervisor
+    redis: RedisServer | None
+    log_dir: Path
+
+    async def stop(self) -> None:
+        await self.supervisor.stop()
+        if self.redis is not None:
+            self.redis.stop()
+
+
+SERVICES = ("planner", "ingress", "worker")
+
+
+async def start_system(settings: Settings, profile_path: Path, *, log_dir: Path,
+                       services: tuple[str, ...] = SERVICES,
+                       before_services: Callable[[str], Awaitable[None]] | None = None) -> System:
+    """Start Redis (embedded unless ``settings.redis_url``) and the given services as children.
+
+    ``before_services(url)`` runs once Redis answers and before any service starts (benchmarks use
+    it to publish a fixed plan instead of running the planner).
+    """
+    server: RedisServer | None = None
+    url = settings.redis_url
+    if not url:
+        server = RedisServer(persist_dir=None).start()
+        url = server.url
+    await wait_for_redis(url, 10.0)
+    if before_services is not None:
+        await before_services(url)
+    env = {**settings.with_(redis_url=url, profile=str(profile_path)).to_env(), "GRAFT_LOG_FORMAT": "json"}
+    argv = {"planner": service_argv("planner"), "ingress": service_argv("ingress"),
+            "worker": service_argv("worker", "--devices", "auto")}
+    specs = [ChildSpec(name, argv[name], env) for name in services]
+    sup = Supervisor(specs, log_dir=log_dir)
+    await sup.start()
+    return System(settings, url, sup, server, log_dir)
+
+
+async def wait_ready(system: System, timeout: float = 120.0,
+                     on_wait: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Wait until a plan is published and every replica it places sends heartbeats."""
+    r = connect(system.redis_url, settings=system.settings)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            view = await load_plan(r)
+            replicas = 0
+            async for _ in r.scan_iter(match=keys.health_pattern("replica"), count=500):
+                replicas += 1
+            ingress = [k async for k in r.scan_iter(match=keys.health_pattern("ingress"), count=100)]
+            want = len(view.placements()) if view else -1
+            if view is not None and ingress and replicas >= want:
+                return view.raw
+            if on_wait is not None:
+                on_wait(f"plan={'epoch ' + str(view.epoch) if view else 'none'} ingress={len(ingress)} "
+                        f"replicas={replicas}/{max(want, 0)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"system not ready after {timeout}s; see logs in {system.log_dir}")
+            for name, st in system.supervisor.status().items():
+                if st["restarts"] and int(str(st["restarts"])) >= 3:
+                    raise RuntimeError(f"{name} keeps crashing; see {system.log_dir / (name + '.log')}")
+            await asyncio.sleep(0.5)
+    finally:
+        await r.aclose()
+
+
+async def wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
