@@ -27,6 +27,8 @@ class Event(StrEnum):
     PLAN_PUBLISHED = "plan_published"
     PLAN_SWITCHED = "plan_switched"
     PLAN_UNCHANGED = "plan_unchanged"
+    PLAN_WAITING = "plan_waiting_for_workers"
+    PLAN_SWITCH_TIMEOUT = "plan_switch_timeout"
     GROUP_DRAINED = "group_drained"
     REPLICA_STARTED = "replica_started"
     REPLICA_EXITED = "replica_exited"

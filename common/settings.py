@@ -17,6 +17,7 @@
 | GRAFT_STREAM_MAXLEN | 100000 | approximate length cap of every stream |
 | GRAFT_REPLAN_S | 10 | minimum epoch length of the planner (s) |
 | GRAFT_DRIFT | 0.25 | relative rate drift that triggers a re-plan |
+| GRAFT_SWITCH_TIMEOUT_S | 30 | longest the ingress waits for a new plan's replicas before switching anyway (s) |
 | GRAFT_METRICS_PORT | 0 | base Prometheus port (0: pick a free port per service) |
 | GRAFT_LOG_LEVEL | info | log level |
 | GRAFT_LOG_FORMAT | json | json for services, console for the CLI |
@@ -57,6 +58,7 @@ class Settings:
     stream_maxlen: int = 100_000
     replan_s: float = 10.0
     drift: float = 0.25
+    switch_timeout_s: float = 30.0
     metrics_port: int = 0
     log_level: str = "info"
     log_format: str = "json"

@@ -136,7 +136,8 @@ def decode_tensor(obj: Any, max_bytes: int = MAX_TENSOR_BYTES) -> npt.NDArray[An
 
 
 def packb(obj: dict[str, Any]) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    out: bytes = msgpack.packb(obj, use_bin_type=True)
+    return out
 
 
 def unpackb(raw: Any, max_bytes: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
@@ -202,8 +203,11 @@ def peek_ids(raw: Any) -> tuple[str | None, str | None]:
     if not isinstance(obj, dict):
         return None, None
     rid, client = obj.get("req_id"), obj.get("client")
-    ok = lambda s: isinstance(s, str) and 0 < len(s) <= MAX_STR  # noqa: E731
-    return (rid if ok(rid) else None), (client if ok(client) else None)
+    return (rid if _short_str(rid) else None), (client if _short_str(client) else None)
+
+
+def _short_str(s: Any) -> bool:
+    return isinstance(s, str) and 0 < len(s) <= MAX_STR
 
 
 def decode_request(raw: Any, max_tensor_bytes: int = MAX_TENSOR_BYTES) -> Request:

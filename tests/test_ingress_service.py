@@ -217,15 +217,38 @@ async def test_stats_messages_count_fragments(redis: Redis, ingress: IngressServ
     assert all(m["ingress"] == "ingress-t" and m["window_s"] >= 0 for m in got["msgs"])
 
 
-async def test_switches_to_a_newer_plan_between_batches(redis: Redis, ingress: IngressService) -> None:
+async def test_switches_to_a_newer_plan_only_once_its_workers_read(redis: Redis, ingress: IngressService) -> None:
     await publish_plan(redis, plan(2, [group("all", list(range(N)))]))
+    stream = keys.group_stream(2, "all")
+    # the new plan's stream has the worker group ready before any replica starts ...
+    await eventually(lambda: _has_group(redis, stream))
+    # ... but the ingress keeps routing by epoch 1 while no replica reads it (make-before-break)
+    await asyncio.sleep(0.3)
+    assert ingress.view is not None and ingress.view.epoch == 1
+    await send(redis, request("old", cut=3))
+    (old,) = await group_entries(redis, keys.group_stream(1, "g0"), 1)
+    assert old.req_id == "old"
+    # a replica of the new group announces itself once its blocks are loaded: the ingress switches
+    await redis.xgroup_createconsumer(stream, keys.WORKER_GROUP, "replica-x")
     await eventually(lambda: _epoch(ingress, 2))
     assert REGISTRY.get_sample_value("graft_plan_epoch", {"service": "ingress"}) == 2
     await send(redis, request("new", cut=3))
-    (new,) = await group_entries(redis, keys.group_stream(2, "all"), 1)
+    (new,) = await group_entries(redis, stream, 1)
     assert new.req_id == "new"
-    # the new plan's stream has the worker group ready before any replica starts
-    assert [g["name"] for g in await redis.xinfo_groups(keys.group_stream(2, "all"))] == [b"workers"]
+
+
+async def test_switches_anyway_when_no_worker_comes(redis: Redis, ingress: IngressService) -> None:
+    ingress.switch_timeout_s = 0.3
+    await publish_plan(redis, plan(2, [group("all", list(range(N)))]))
+    await asyncio.sleep(0.15)
+    assert ingress.view is not None and ingress.view.epoch == 1
+    await eventually(lambda: _epoch(ingress, 2))
+
+
+async def _has_group(r: Redis, stream: str) -> bool:
+    if not await r.exists(stream):
+        return False
+    return [g["name"] for g in await r.xinfo_groups(stream)] == [b"workers"]
 
 
 async def _epoch(service: IngressService, epoch: int) -> bool:

@@ -96,7 +96,7 @@ async def test_planner_bootstraps_replans_on_drift_and_on_command(redis, tmp_pat
             await asyncio.sleep(0.05)
         assert view is not None and view.epoch == 1 and {c for g in view.groups.values() for c in g.cuts} == {0, 1, 2, 3}
         # heavy traffic on cut 2: drift → epoch 2 with a much larger rate
-        for i in range(3):
+        for _ in range(3):
             await redis.xadd(keys.STATS, {keys.FIELD: wire.encode_message("stats", stats_msg(time.time(), [("m", 2, 400, 30.0)]))})
         await redis.xadd(keys.STATS, {keys.FIELD: b"garbage"})  # must be skipped, not fatal
         for _ in range(100):

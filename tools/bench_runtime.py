@@ -91,8 +91,8 @@ async def bench_overhead(rate: float, duration_s: float, log_dir: Path) -> dict[
     devices = [EmulatedDevice(f"d{i}", "mobilenet_v2", cut, budget, budget, rate / 4) for i in range(4)]
     report = await run_fixed(settings, profile_path, plan, devices, duration_s, log_dir / "overhead")
     ok = [o for o in report.outcomes if o.ok and o.timings]
-    overhead = np.array([o.rtt_ms - o.timings.get("compute_ms", 0.0) - o.timings.get("wait_ms", 0.0) for o in ok])
-    with_hold = np.array([o.rtt_ms - o.timings.get("compute_ms", 0.0) for o in ok])
+    overhead = np.array([o.rtt_ms - (o.timings or {}).get("compute_ms", 0.0) - (o.timings or {}).get("wait_ms", 0.0) for o in ok])
+    with_hold = np.array([o.rtt_ms - (o.timings or {}).get("compute_ms", 0.0) for o in ok])
     s = report.summary()
     if not len(overhead):
         raise RuntimeError(f"no timed replies in the overhead run: {s['outcomes']}")
@@ -184,7 +184,7 @@ def runtime(out: Annotated[Path, typer.Option(help="folder for JSON and PNGs")] 
         with console.status("overhead: 200 req/s of small tensors…"):
             res["overhead"] = await bench_overhead(200.0, dur, log_dir)
         with console.status("policies: graft vs per-cut on a mixed-cut workload…"):
-            res["policies"] = await bench_policies(6.0, dur, log_dir)
+            res["policies"] = await bench_policies(40.0, dur, log_dir)
         return res
 
     result = asyncio.run(go())

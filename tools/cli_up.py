@@ -96,9 +96,9 @@ async def _up(settings: Settings, demo: bool, duration: float, devices: int, rat
     finally:
         with console.status("stopping services…"):
             await system.stop()
-        for name, st in system.supervisor.status().items():
-            if st["restarts"]:
-                console.print(f"[yellow]{name} was restarted {st['restarts']} time(s); see {log_dir}[/yellow]")
+        for name, child in system.supervisor.status().items():
+            if child["restarts"]:
+                console.print(f"[yellow]{name} was restarted {child['restarts']} time(s); see {log_dir}[/yellow]")
 
 
 def up(

@@ -20,6 +20,7 @@ from common.metrics import HealthServer
 from common.settings import Settings
 from common.streams import TRANSIENT, connect
 from services.ingress.service import HEARTBEAT_TTL_S, SERVICE, IngressService
+from services.lifecycle import run_loop
 
 # Offset of the ingress from GRAFT_METRICS_PORT, so services on one host do not collide.
 METRICS_PORT_OFFSET = 0
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.redis_url:
         print("REDIS_URL is not set", file=sys.stderr)
         return 2
-    asyncio.run(serve(settings, args.name, args.metrics_port))
+    run_loop(serve(settings, args.name, args.metrics_port))
     return 0
 
 

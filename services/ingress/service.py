@@ -3,7 +3,10 @@
 Each batch read from ``graft:ingress`` becomes one pipelined round trip: an XADD per routed request to
 its group stream, an error reply per refused request (``ReplySender``: idempotent by ``req_id``), and
 one XACK for the whole batch. A batch is routed entirely with one plan epoch; a newer plan found by
-the poller is switched to before the next batch. Side loops poll the group backlogs for shedding,
+the poller is switched to before the next batch — but only once every group stream of the new plan
+has a worker consumer (make-before-break: new replicas take seconds to load their blocks, and
+requests routed to a stream nobody reads yet would miss their deadlines), or after
+``switch_timeout_s`` if some never appears. Side loops poll the group backlogs for shedding,
 flush statistics, beat the heartbeat, trim the ingress stream and reclaim entries of dead ingress
 consumers. Nothing here blocks per request: no round trip, no ``describe``.
 """
@@ -71,11 +74,35 @@ def route(view: PlanView, model: str, cut: int, budget_ms: float) -> GroupSpec:
     return fitting[-1] if fitting else cands[0]
 
 
+async def unserved_streams(r: Any, view: PlanView) -> list[str]:
+    """The plan's group streams that no worker consumer has read yet (a replica joins the workers'
+    group with its first XREADGROUP, after its blocks are loaded)."""
+    streams = view.streams()
+    async with r.pipeline(transaction=False) as pipe:
+        for stream in streams.values():
+            pipe.xinfo_groups(stream)
+        answers = await pipe.execute(raise_on_error=False)
+    missing = []
+    for gid, groups in zip(streams, answers, strict=True):
+        if isinstance(groups, Exception):
+            missing.append(gid)
+            continue
+        consumers = sum(int(g.get("consumers", 0)) for g in groups if _text(g.get("name")) == keys.WORKER_GROUP)
+        if consumers == 0:
+            missing.append(gid)
+    return missing
+
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
 class IngressService:
     def __init__(
         self, r: Any, settings: Settings, *, name: str | None = None, count: int = 256, block_ms: int | None = None,
         plan_interval_s: float = 0.2, shed_interval_s: float = 0.15, stats_interval_s: float = 1.0,
         heartbeat_s: float = 1.0, trim_interval_s: float = 5.0, shedding: bool = True,
+        switch_timeout_s: float | None = None,
     ) -> None:
         self.r, self.settings = r, settings
         self.name = name or consumer_name(SERVICE)
@@ -83,12 +110,15 @@ class IngressService:
         self.plan_interval_s, self.shed_interval_s = plan_interval_s, shed_interval_s
         self.stats_interval_s, self.heartbeat_s, self.trim_interval_s = stats_interval_s, heartbeat_s, trim_interval_s
         self.shedding = shedding
+        self.switch_timeout_s = settings.switch_timeout_s if switch_timeout_s is None else switch_timeout_s
         self.catalog = ModelCatalog(settings.resolution)
         self.validator = Validator(self.catalog, Limits(settings.max_tensor_bytes, settings.max_slo_ms))
         self.replies = ReplySender(r)
         self.watcher = PlanWatcher(r, interval=plan_interval_s)
         self.view: PlanView | None = None
         self._next_view: PlanView | None = None
+        self._waiting: PlanView | None = None  # published, prepared, not yet served by workers
+        self._waiting_since = 0.0
         self._in_batch = 0  # batches between taking their plan and their last use of it
         self.backlogs = Backlogs()
         self.policy = ShedPolicy({}, self.backlogs)
@@ -140,10 +170,24 @@ class IngressService:
         view = await self.watcher.poll()
         if view is not None:
             await self._prepare(view)
-            if self._in_batch:
-                self._next_view = view  # taken by the next batch, never in the middle of one
-            else:
-                self._switch(view)
+            self._waiting, self._waiting_since = view, time.monotonic()
+            log.info(Event.PLAN_WAITING, ingress=self.name, epoch=view.epoch,
+                     current=None if self.view is None else self.view.epoch)
+        waiting = self._waiting
+        if waiting is None:
+            return
+        missing = await unserved_streams(self.r, waiting)
+        waited = time.monotonic() - self._waiting_since
+        if missing and waited < self.switch_timeout_s:
+            return
+        if missing:
+            log.warning(Event.PLAN_SWITCH_TIMEOUT, ingress=self.name, epoch=waiting.epoch,
+                        waited_s=round(waited, 1), unserved=sorted(missing))
+        self._waiting = None
+        if self._in_batch:
+            self._next_view = waiting  # taken by the next batch, never in the middle of one
+        else:
+            self._switch(waiting)
 
     # ------------------------------------------------------------------------------------ batches
 
@@ -294,7 +338,8 @@ class IngressService:
     async def heartbeat(self) -> None:
         status = {
             "service": SERVICE, "name": self.name, "ts": time.time(), "pid": os.getpid(),
-            "epoch": None if self.view is None else self.view.epoch, "routed": self.routed_total,
+            "epoch": None if self.view is None else self.view.epoch,
+            "waiting_epoch": None if self._waiting is None else self._waiting.epoch, "routed": self.routed_total,
             "replied": self.replied_total, "dead_lettered": self.dead_lettered_total,
         }
         await self.r.set(keys.health(SERVICE, self.name), wire.encode_message("health", status), ex=HEARTBEAT_TTL_S)

@@ -65,7 +65,8 @@ class Agent:
         self._python = python
         self._poll_s = poll_s
         self._stop_grace_s = stop_grace_s
-        self._drain_timeout_s = drain_timeout_s or max(60.0, 2 * settings.max_slo_ms / 1000.0)
+        self._drain_timeout_s = drain_timeout_s or max(60.0, 2 * settings.max_slo_ms / 1000.0,
+                                                       2 * settings.switch_timeout_s)
         self._mps = mps
         self._stop = asyncio.Event()
         self._stopping = False

@@ -6,6 +6,11 @@ drained when, with ``quiet_s`` passed both since the replica saw the new plan an
 was added, nothing in it is undelivered or pending in the workers' group, and the replica's own queue
 is empty. ``quiet_s`` must exceed the ingress's plan poll interval.
 
+The ingress switches to a new plan only once its streams have worker consumers (make-before-break),
+so a retired stream may still receive entries for as long as the new replicas take to load: a
+retired stream is not drained while any live ingress (by its heartbeat) still routes by an epoch at
+or below the stream's — a quiet spell in the traffic must not let the old replicas leave early.
+
 ``last-delivered-id`` against ``last-generated-id`` says "nothing undelivered" on Redis 6.2 too,
 where XINFO GROUPS has no ``lag``.
 """
@@ -77,6 +82,23 @@ def is_drained(backlog: Backlog | None, *, now_ms: int, quiet_s: float) -> bool:
     if backlog.total:
         return False
     return now_ms - id_key(backlog.last_id)[0] >= quiet_s * 1000.0
+
+
+async def ingresses_past(r: Any, epoch: int) -> bool:
+    """True when every live ingress routes by a plan newer than ``epoch`` (or none is alive)."""
+    names = [key async for key in r.scan_iter(match=keys.health_pattern("ingress"), count=100)]
+    if not names:
+        return True
+    for raw in await r.mget(names):
+        if raw is None:
+            continue  # expired between SCAN and MGET: that ingress is gone
+        try:
+            routed = wire.decode_message(raw, "health").get("epoch")
+        except GraftError:
+            continue
+        if routed is not None and int(routed) <= epoch:
+            return False
+    return True
 
 
 async def redis_now_ms(r: Any) -> int:

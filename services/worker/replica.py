@@ -37,8 +37,9 @@ from common.replies import ReplySender
 from common.routing import GroupSpec, PlanView
 from common.settings import Settings
 from common.streams import TRANSIENT, Backoff, Entry, StreamConsumer, connect, dead_letter, trim
+from services.lifecycle import run_loop
 from services.worker.device import Device
-from services.worker.drain import Backlog, find_plan, is_drained, read_backlog, redis_now_ms
+from services.worker.drain import Backlog, find_plan, ingresses_past, is_drained, read_backlog, redis_now_ms
 from services.worker.intake import Intake, Job, Rejection
 from services.worker.latency import load_latency_model
 from services.worker.loop import BatchLoop, Done
@@ -116,6 +117,10 @@ class Replica:
         helpers: list[asyncio.Task[None]] = []
         try:
             loop, consumer = await self._setup(r)
+            # Announce readiness in the stream itself: the ingress switches to a new plan only once
+            # each of its group streams has a consumer (XREADGROUP alone creates none on an empty
+            # stream before Redis 7.2).
+            await r.xgroup_createconsumer(self.stream, keys.WORKER_GROUP, self.consumer)
             log.info(Event.SERVICE_STARTED, consumer=self.consumer, stream=self.stream, metrics_port=health.port,
                      batch=loop.max_batch, share=self.share, latency=loop.latency.source)
             self.state = "serving"
@@ -376,6 +381,8 @@ class Replica:
         # However long the stream has been idle, give every ingress time to notice the new plan too.
         if not self.loop.idle or time.monotonic() - self._switch_seen < self._drain_quiet_s:
             return False
+        if not await ingresses_past(r, self.epoch):
+            return False
         return is_drained(backlog, now_ms=await redis_now_ms(r), quiet_s=self._drain_quiet_s)
 
     # ------------------------------------------------------------------------------------ heartbeat
@@ -429,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     replica = Replica(settings, epoch=args.epoch, group=args.group, device=args.device, index=args.index,
                       share=args.share, metrics_port=args.metrics_port)
     try:
-        return asyncio.run(_serve(replica))
+        return run_loop(_serve(replica))
     except ReplicaConfigError as exc:
         log.error("replica_config_error", error=str(exc))
         return EXIT_CONFIG
