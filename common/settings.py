@@ -17,6 +17,7 @@
 | GRAFT_STREAM_MAXLEN | 100000 | approximate length cap of every stream |
 | GRAFT_REPLAN_S | 10 | minimum epoch length of the planner (s) |
 | GRAFT_DRIFT | 0.25 | relative rate drift that triggers a re-plan |
+| GRAFT_BATCHING | eager | eager: an idle replica launches what is queued (work-conserving); slack: hold until the head's slack runs out |
 | GRAFT_SWITCH_TIMEOUT_S | 30 | longest the ingress waits for a new plan's replicas before switching anyway (s) |
 | GRAFT_METRICS_PORT | 0 | base Prometheus port (0: pick a free port per service) |
 | GRAFT_LOG_LEVEL | info | log level |
@@ -59,6 +60,7 @@ class Settings:
     replan_s: float = 10.0
     drift: float = 0.25
     switch_timeout_s: float = 30.0
+    batching: str = "eager"
     metrics_port: int = 0
     log_level: str = "info"
     log_format: str = "json"
@@ -78,6 +80,8 @@ class Settings:
             raise SettingsError(f"GRAFT_DEVICE must be auto, cpu or cuda, got {self.device!r}")
         if self.policy not in ("graft", "per-cut"):
             raise SettingsError(f"GRAFT_POLICY must be graft or per-cut, got {self.policy!r}")
+        if self.batching not in ("eager", "slack"):
+            raise SettingsError(f"GRAFT_BATCHING must be eager or slack, got {self.batching!r}")
         if self.max_deliveries < 1:
             raise SettingsError("GRAFT_MAX_DELIVERIES must be at least 1")
 

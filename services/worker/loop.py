@@ -57,7 +57,7 @@ Sink = Callable[[list[Done]], Awaitable[None]]
 
 class BatchLoop:
     def __init__(self, runner: Runner, latency: LatencyModel, sink: Sink, *, max_batch: int, epoch: int,
-                 group: str, alpha: float = 0.2) -> None:
+                 group: str, alpha: float = 0.2, eager: bool = True) -> None:
         self.runner = runner
         self.latency = latency
         self.sink = sink
@@ -65,6 +65,7 @@ class BatchLoop:
         self.epoch = epoch
         self.group = group
         self.alpha = alpha
+        self.eager = eager  # work-conserving (GRAFT_BATCHING=eager) or wait for the head's slack
         self.queue = EdfQueue()
         self.jobs: dict[str, Job] = {}  # entry id -> job, queued or in flight
         self.in_flight: set[str] = set()
@@ -85,7 +86,7 @@ class BatchLoop:
         return self.reply_s + self.jitter_s + SAFETY_S
 
     def _policy(self) -> BatchPolicy:
-        return BatchPolicy(self.max_batch, self.latency, margin_s=self.margin_s, drop_early=True)
+        return BatchPolicy(self.max_batch, self.latency, margin_s=self.margin_s, drop_early=True, eager=self.eager)
 
     def _woke_late(self, late_s: float) -> None:
         # A decaying peak, not a mean: one late timer is what makes a request miss.

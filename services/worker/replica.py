@@ -200,7 +200,8 @@ class Replica:
         self.intake = Intake(runner.info, spec, max_tensor_bytes=self.settings.max_tensor_bytes,
                              max_budget_s=self.settings.max_slo_ms / 1000.0)
         self.sender = ReplySender(r)
-        self.loop = BatchLoop(runner, latency, self._finish, max_batch=spec.batch, epoch=self.epoch, group=self.group)
+        self.loop = BatchLoop(runner, latency, self._finish, max_batch=spec.batch, epoch=self.epoch, group=self.group,
+                              eager=self.settings.batching == "eager")
         consumer = StreamConsumer(r, self.stream, keys.WORKER_GROUP, self.consumer, count=spec.batch,
                                   block_ms=self.settings.block_ms, max_deliveries=self.settings.max_deliveries,
                                   on_dead_lettered=self._on_dead_lettered)
