@@ -17,7 +17,7 @@ CONTROL_MAXLEN = 1000
 
 
 async def services_status(r: Any) -> list[dict[str, Any]]:
-    """Every fresh heartbeat: service, name, age in seconds and the status it reported."""
+    """Every fresh heartbeat: service, name, age in seconds, the status it reported and its other fields."""
     rows: list[dict[str, Any]] = []
     async for key in r.scan_iter(match=keys.health_pattern(), count=500):
         raw = await r.get(key)
@@ -32,7 +32,10 @@ async def services_status(r: Any) -> list[dict[str, Any]]:
         ts = body.get("ts")
         age = round(time.time() - float(ts), 2) if isinstance(ts, int | float) else None
         info = {k2: v for k2, v in body.items() if k2 not in ("v", "kind", "ts")}
-        rows.append({"service": service, "name": name, "age_s": age, **info})
+        # Replicas report a "state", the planner a "status", ingress and agents neither: a fresh
+        # heartbeat alone means "up". The key names the service and instance, whatever the body says.
+        status = info.get("status") or info.get("state") or ("up" if body else "unreadable")
+        rows.append({**info, "service": service, "name": name, "age_s": age, "status": status})
     rows.sort(key=lambda row: (str(row["service"]), str(row["name"])))
     return rows
 

@@ -7,12 +7,15 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import typer
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rich.console import Console
 from rich.table import Table
 
-from common.settings import Settings
+from common.settings import Settings, SettingsError
 from common.streams import connect
 from tools import admin
 
@@ -22,15 +25,42 @@ console = Console()
 RedisUrl = Annotated[str | None, typer.Option("--redis-url", envvar="REDIS_URL", help="Redis of the live system")]
 
 
+def _redact(url: str) -> str:
+    """``url`` without its password, for error messages."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "<unparsable URL>"
+
+
 def _with_redis(url: str | None, fn: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``fn`` on a client of ``url``; a missing, malformed or unreachable Redis is a one-line error."""
     if not url:
         console.print("[red]no Redis given: pass --redis-url or set REDIS_URL[/red]")
         raise typer.Exit(2)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        console.print(f"[red]bad settings: {exc}[/red]")
+        raise typer.Exit(2) from None
 
     async def go() -> T:
-        r = connect(url, settings=Settings.from_env())
+        try:
+            r = connect(url, settings=settings)
+        except ValueError as exc:  # redis-py's verdict on a malformed URL
+            console.print(f"[red]bad Redis URL {_redact(url)!r}: {exc}[/red]")
+            raise typer.Exit(2) from None
         try:
             return await fn(r)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            console.print(f"[red]cannot reach Redis at {_redact(url)}: {exc}[/red]")
+            raise typer.Exit(1) from None
         finally:
             await r.aclose()
 
@@ -108,7 +138,20 @@ def plan_diff(redis_url: RedisUrl = None) -> None:
 def scale(group: Annotated[str, typer.Argument(help="group id of the current plan")],
           replicas: Annotated[int, typer.Argument(min=1)], redis_url: RedisUrl = None) -> None:
     """Pin a group's replica count (the planner publishes a new epoch)."""
-    entry = _with_redis(redis_url, lambda r: admin.send_control(r, "scale", group=group, replicas=replicas))
+    async def go(r: Any) -> tuple[str | None, Any]:
+        view = await admin.current_plan(r)
+        if view is None or group not in view.groups:  # the planner would drop the command as malformed
+            return None, view
+        return await admin.send_control(r, "scale", group=group, replicas=replicas), view
+
+    entry, view = _with_redis(redis_url, go)
+    if view is None:
+        console.print("[red]no plan published yet: there is no group to scale[/red]")
+        raise typer.Exit(1)
+    if entry is None:
+        console.print(f"[red]no group {group!r} in plan epoch {view.epoch}; its groups: "
+                      f"{', '.join(sorted(view.groups)) or 'none'}[/red]")
+        raise typer.Exit(1)
     console.print(f"scale request queued ({entry})")
 
 

@@ -22,6 +22,9 @@ from common.logs import Event, get_logger
 
 log = get_logger("graft.up")
 
+BACKOFF_START_S = 0.5
+STABLE_S = 30.0  # a child up this long restarts fast again after a crash
+
 
 @dataclass
 class ChildSpec:
@@ -53,7 +56,6 @@ class Supervisor:
         self._max_backoff_s = max_backoff_s
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._files: list[IO[bytes]] = []
 
     async def start(self) -> None:
         if self._log_dir is not None:
@@ -66,51 +68,59 @@ class Supervisor:
 
     async def _spawn(self, state: ChildState) -> asyncio.subprocess.Process:
         env = {**self._base_env, **state.spec.env}
-        out: int | IO[bytes] | None = None
         path = self.log_path(state.spec.name)
-        if path is not None:
-            fh = path.open("ab")
-            self._files.append(fh)
-            out = fh
-        proc = await asyncio.create_subprocess_exec(*state.spec.argv, env=env, stdout=out, stderr=out,
-                                                    start_new_session=True)
+        # The child gets its own copy of the log file's descriptor: ours is closed at once, so a child
+        # that crash-loops does not leak one open file per restart.
+        with path.open("ab") if path is not None else contextlib.nullcontext() as fh:
+            out: IO[bytes] | None = fh
+            proc = await asyncio.create_subprocess_exec(*state.spec.argv, env=env, stdout=out, stderr=out,
+                                                        stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
         state.proc, state.started_at = proc, time.monotonic()
         return proc
 
     async def _keep_running(self, state: ChildState) -> None:
-        backoff = 0.5
+        backoff = min(BACKOFF_START_S, self._max_backoff_s)
         while not self._stopping.is_set():
-            proc = await self._spawn(state)
-            code = await proc.wait()
-            state.last_exit = code
+            try:
+                proc = await self._spawn(state)
+            except OSError as exc:  # e.g. the executable is missing: count it as a crash, keep trying
+                state.proc, state.started_at, state.last_exit = None, time.monotonic(), None
+                error: str | None = str(exc)
+                code: int | None = None
+            else:
+                if self._stopping.is_set():  # stop() ran while we were spawning: it did not see this child
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(signal.SIGTERM)
+                code = await proc.wait()
+                state.last_exit, error = code, None
             if self._stopping.is_set():
                 return
-            up_for = time.monotonic() - state.started_at
-            backoff = 0.5 if up_for > 30 else min(backoff * 2, self._max_backoff_s)
+            if time.monotonic() - state.started_at > STABLE_S:
+                backoff = min(BACKOFF_START_S, self._max_backoff_s)
+            delay, backoff = backoff, min(backoff * 2, self._max_backoff_s)
             state.restarts += 1
-            log.warning(Event.REPLICA_EXITED, child=state.spec.name, code=code, restart_in_s=backoff)
+            log.warning(Event.REPLICA_EXITED, child=state.spec.name, code=code, error=error, restart_in_s=delay)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), backoff)
+                await asyncio.wait_for(self._stopping.wait(), delay)
 
     async def stop(self) -> None:
+        """SIGTERM every child, wait up to the grace period, SIGKILL (its whole session) what is left."""
         self._stopping.set()
-        procs = [s.proc for s in self.children.values() if s.proc is not None and s.proc.returncode is None]
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                p.send_signal(signal.SIGTERM)
-        if procs:
-            _done, pending = await asyncio.wait([asyncio.create_task(p.wait()) for p in procs], timeout=self._grace_s)
-            if pending:
-                for p in procs:
-                    if p.returncode is None:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.killpg(p.pid, signal.SIGKILL)
-                await asyncio.wait(pending, timeout=5)
+        for s in self.children.values():
+            if s.proc is not None and s.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    s.proc.send_signal(signal.SIGTERM)
+        # Each task returns once its child has exited (a task still spawning SIGTERMs its new child itself).
+        _done, pending = await asyncio.wait(self._tasks, timeout=self._grace_s) if self._tasks else (set(), set())
+        if pending:
+            for s in self.children.values():
+                if s.proc is not None and s.proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(s.proc.pid, signal.SIGKILL)
+            await asyncio.wait(pending, timeout=5)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for fh in self._files:
-            fh.close()
 
     def status(self) -> dict[str, dict[str, object]]:
         return {

@@ -2,8 +2,8 @@
 
 With no ``REDIS_URL`` a private Redis is started (and stopped on exit). The profile comes from
 ``--profile``/``GRAFT_PROFILE``, or is measured on this host the first time (progress shown) and
-cached under ``~/.cache/graft``. ``--demo`` then drives a short load from emulated devices and prints
-what happened.
+cached under ``$GRAFT_CACHE_DIR`` (default ``~/.cache/graft``). ``--demo`` then drives a short load
+from emulated devices and prints what happened.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import keys
+from common import keys, wire
+from common.errors import InvalidRequest
 from common.plan_store import load_plan
 from common.profiles import Profile
 from common.redis_server import RedisServer
@@ -27,8 +28,13 @@ from common.settings import Settings
 from common.streams import connect, wait_for_redis
 from tools.supervisor import ChildSpec, Supervisor, service_argv
 
-CACHE_DIR = Path(os.environ.get("GRAFT_CACHE_DIR", Path.home() / ".cache" / "graft"))
+ENV_CACHE_DIR = "GRAFT_CACHE_DIR"
 CPU_BATCHES = (1, 2, 4, 8)
+
+
+def cache_dir() -> Path:
+    """``$GRAFT_CACHE_DIR`` (read at each call, so tests and wrappers can redirect it), else ``~/.cache/graft``."""
+    return Path(os.environ.get(ENV_CACHE_DIR) or Path.home() / ".cache" / "graft")
 
 
 def resolve_device(settings: Settings) -> str:
@@ -42,7 +48,7 @@ def resolve_device(settings: Settings) -> str:
 def cached_profile_path(settings: Settings, device: str) -> Path:
     key = f"{device}|{','.join(sorted(settings.models))}|{settings.resolution}|{CPU_BATCHES}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-    return CACHE_DIR / "profiles" / f"{device}-{digest}.json"
+    return cache_dir() / "profiles" / f"{device}-{digest}.json"
 
 
 def ensure_profile(settings: Settings, *, progress: bool = True) -> tuple[Path, bool]:
@@ -91,21 +97,42 @@ async def start_system(settings: Settings, profile_path: Path, *, log_dir: Path,
     ``before_services(url)`` runs once Redis answers and before any service starts (benchmarks use
     it to publish a fixed plan instead of running the planner).
     """
+    # The worker serves the device kind the profile was measured on: a CPU profile on a GPU host (GRAFT_DEVICE
+    # =cpu) must not be handed to an agent that took the GPUs, whose placements the plan never names.
+    argv = {"planner": service_argv("planner"), "ingress": service_argv("ingress"),
+            "worker": service_argv("worker", "--devices", settings.device or "auto")}
+    unknown = [name for name in services if name not in argv]
+    if unknown:
+        raise ValueError(f"unknown services {unknown}; choose from {sorted(argv)}")
     server: RedisServer | None = None
     url = settings.redis_url
     if not url:
         server = RedisServer(persist_dir=None).start()
         url = server.url
-    await wait_for_redis(url, 10.0)
-    if before_services is not None:
-        await before_services(url)
-    env = {**settings.with_(redis_url=url, profile=str(profile_path)).to_env(), "GRAFT_LOG_FORMAT": "json"}
-    argv = {"planner": service_argv("planner"), "ingress": service_argv("ingress"),
-            "worker": service_argv("worker", "--devices", "auto")}
-    specs = [ChildSpec(name, argv[name], env) for name in services]
-    sup = Supervisor(specs, log_dir=log_dir)
-    await sup.start()
+    try:
+        await wait_for_redis(url, 10.0)
+        if before_services is not None:
+            await before_services(url)
+        env = {**settings.with_(redis_url=url, profile=str(profile_path)).to_env(), "GRAFT_LOG_FORMAT": "json"}
+        specs = [ChildSpec(name, argv[name], env) for name in services]
+        sup = Supervisor(specs, log_dir=log_dir)
+        await sup.start()
+    except BaseException:
+        if server is not None:  # nobody else holds it: do not leak a redis-server process
+            server.stop()
+        raise
     return System(settings, url, sup, server, log_dir)
+
+
+async def _replicas_beating(r: Any, epoch: int) -> int:
+    """Replicas of plan ``epoch`` with a heartbeat (a previous epoch's, still draining, do not count)."""
+    n = 0
+    async for key in r.scan_iter(match=keys.health_pattern("replica"), count=500):
+        raw = await r.get(key)
+        with contextlib.suppress(InvalidRequest):
+            if raw is not None and wire.decode_message(raw, "health").get("epoch") == epoch:
+                n += 1
+    return n
 
 
 async def wait_ready(system: System, timeout: float = 120.0,
@@ -116,9 +143,7 @@ async def wait_ready(system: System, timeout: float = 120.0,
     try:
         while True:
             view = await load_plan(r)
-            replicas = 0
-            async for _ in r.scan_iter(match=keys.health_pattern("replica"), count=500):
-                replicas += 1
+            replicas = await _replicas_beating(r, view.epoch) if view is not None else 0
             ingress = [k async for k in r.scan_iter(match=keys.health_pattern("ingress"), count=100)]
             want = len(view.placements()) if view else -1
             if view is not None and ingress and replicas >= want:
