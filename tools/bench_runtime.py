@@ -24,7 +24,6 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from common.plan_store import publish_plan
@@ -34,10 +33,11 @@ from common.profiles import Profile
 from common.redis_server import RedisServer
 from common.settings import Settings
 from common.streams import connect
+from tools.console import make_console
 from tools.loadgen import EmulatedDevice, LoadReport, run_load
 from tools.up import ensure_profile, start_system, wait_ready
 
-console = Console()
+console = make_console()
 
 
 def _plan_for(profile: Profile, profile_path: Path, frags: list[Fragment], policy: str) -> dict[str, Any]:

@@ -12,15 +12,15 @@ from urllib.parse import urlsplit, urlunsplit
 import typer
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from rich.console import Console
 from rich.table import Table
 
 from common.settings import Settings, SettingsError
 from common.streams import connect
 from tools import admin
+from tools.console import make_console
 
 T = TypeVar("T")
-console = Console()
+console = make_console()
 
 RedisUrl = Annotated[str | None, typer.Option("--redis-url", envvar="REDIS_URL", help="Redis of the live system")]
 

@@ -6,11 +6,11 @@ import json
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from common.errors import UnknownModel
 from common.models import MODEL_NAMES, ModelInfo, describe, resolve_resolution
+from tools.console import make_console
 
 
 def cut_rows(info: ModelInfo) -> list[dict[str, Any]]:
@@ -92,7 +92,7 @@ def models(
     if as_json:
         typer.echo(json.dumps(report, indent=1))
         return
-    console = Console()
+    console = make_console()
     console.print(_summary_table(report))
     if model:
         for m in report["models"]:

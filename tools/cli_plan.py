@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from common.planning import POLICIES, Plan, PlanningError, load_plan_dict, load_workload, plan, verify_plan
 from common.profiles import Profile, ProfileError, shipped
+from tools.console import make_console
 
 plan_app = typer.Typer(help="Plan a workload (groups, (B, g, n), placement), or verify a plan.",
                        invoke_without_command=True, no_args_is_help=False)
@@ -68,7 +68,7 @@ def plan_command(
     if policy not in POLICIES:
         raise typer.BadParameter(f"choose one of {', '.join(POLICIES)}", param_hint="--policy")
     prof, name = load_profile(profile)
-    console = Console()
+    console = make_console()
     try:
         fragments = load_workload(workload)
         started = time.perf_counter()

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from common.errors import GraftError
 from common.profiles import Profile, ProfileError
+from tools.console import make_console
 
 _NUMBER_LIST = re.compile(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]")
 
@@ -84,7 +84,7 @@ def profile(
         "--devices", help="Write per-block latencies of the mobile device classes instead of measuring.")] = False,
 ) -> None:
     """Measure per-block latency profiles, estimate a GPU profile, or write mobile device latencies."""
-    console = Console()
+    console = make_console()
     res = resolution or None
     try:
         if devices:

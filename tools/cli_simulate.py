@@ -9,13 +9,13 @@ from typing import Annotated, Any
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from common.planning.types import PlanningError, load_plan_dict
 from common.profiles import Profile, ProfileError, shipped
 from common.simulation import Outcome, SimReport, SimulationError, simulate
+from tools.console import make_console
 
 
 def load_profile(name_or_path: str) -> Profile:
@@ -108,7 +108,7 @@ def simulate_command(
     except PlanningError as exc:
         raise typer.BadParameter(str(exc), param_hint="--plan") from None
     work_d = _load_json(workload)
-    err = Console(stderr=True)
+    err = make_console(stderr=True)
     started = time.perf_counter()
     with Progress(TextColumn("simulating"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeElapsedColumn(), console=err, transient=True) as bar:
@@ -124,7 +124,7 @@ def simulate_command(
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=1))
         return
-    out = Console()
+    out = make_console()
     out.print(report_table(report))
     for u in report.unserved:
         out.print(f"[yellow]{u.kind}[/] {u.fragment.id} ({u.fragment.model} cut {u.fragment.cut}, "

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -19,10 +18,11 @@ from common.profiles import Profile
 from common.settings import Settings
 from common.streams import connect
 from tools.cli_admin import plan_table
+from tools.console import make_console
 from tools.loadgen import emulate_devices, run_load
 from tools.up import ensure_profile, start_system, wait_for_signal, wait_ready
 
-console = Console()
+console = make_console()
 DEMO_MODELS = ("resnet18", "mobilenet_v2")
 DEMO_RESOLUTION = 64
 

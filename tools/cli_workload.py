@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from common.planning import save_workload
 from common.traces import LinkTrace, TraceError
 from common.workload import clients_to_workload, emulate_clients
 from tools.cli_plan import load_profile
+from tools.console import make_console
 
 
 def _floats(text: str, option: str) -> list[float]:
@@ -71,7 +71,7 @@ def workload_command(
     result = clients_to_workload(prof, emulated, mode="energy" if mode == "energy" else "latency")
     save_workload(out, result.fragments)
 
-    console = Console()
+    console = make_console()
     per_cut = Counter((f.model, f.cut) for f in result.fragments)
     table = Table(title=f"{len(result.fragments)} fragments from {clients} clients (seed {seed})")
     for col in ("model", "cut", "clients", "rate/s", "min T ms", "max T ms"):
