@@ -10,6 +10,7 @@ times, so an upload of any size from any start time costs one binary search.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,3 +152,14 @@ class LinkTrace:
         # An opportunity at 0 ms happens at the end of the previous loop: it belongs to the last window.
         counts[-1] += int(np.sum(self.opportunities_ms == 0))
         return edges / 1000.0, counts * self.packet_bytes * 8 / ((ends - edges) / 1000.0)
+
+
+def shared_traces_dir() -> Path:
+    """Where the workspace's real uplink traces live (they are never copied into the repository):
+    ``$GRAFT_TRACES_DIR``, else ``../shared/traces`` beside the checkout, else ``/work/shared/traces``.
+    Returns the first that exists (or the first candidate, for error messages)."""
+    env = os.environ.get("GRAFT_TRACES_DIR")
+    if env:
+        return Path(env)
+    candidates = [Path(__file__).resolve().parents[2] / "shared" / "traces", Path("/work/shared/traces")]
+    return next((c for c in candidates if c.is_dir()), candidates[0])

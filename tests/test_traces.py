@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from common.traces import PACKET_BYTES, LinkTrace, TraceError
+from common.traces import PACKET_BYTES, LinkTrace, TraceError, shared_traces_dir
 
 MTU_BITS = PACKET_BYTES * 8
 
 
-def shared_traces_dir() -> Path:
-    env = os.environ.get("GRAFT_TRACES_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "traces"
 
 
 def test_hand_written_trace(tmp_path: Path) -> None:

@@ -18,7 +18,6 @@ random ones). Planning time is the median of repeated runs in this process.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from collections import defaultdict
@@ -35,7 +34,7 @@ from rich.table import Table
 
 from common.planning import Fragment, Plan, plan, verify_plan
 from common.profiles import Profile, shipped
-from common.traces import LinkTrace
+from common.traces import LinkTrace, shared_traces_dir
 from common.workload import clients_to_workload, emulate_clients
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -82,8 +81,7 @@ class BenchResult:
 # ----------------------------------------------------------------------------------------------- inputs
 
 def traces_dir() -> Path:
-    env = os.environ.get("GRAFT_TRACES_DIR")
-    return Path(env) if env else REPO_ROOT.parent / "shared" / "traces"
+    return shared_traces_dir()
 
 
 def load_uplinks() -> tuple[list[LinkTrace], str]:
