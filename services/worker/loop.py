@@ -37,6 +37,7 @@ IDLE_WAIT_S = 0.5  # nothing queued: re-check this often even without a wake-up
 REPLY_S = 0.002  # starting guess of the reply round trip
 JITTER_S = 0.005  # starting guess of how late a timer fires on a busy host
 SAFETY_S = 0.001
+INLINE_S = 0.001  # batches predicted to run at most this long run on the event loop, not in a thread
 
 
 class Runner(Protocol):
@@ -198,7 +199,11 @@ class BatchLoop:
         items = [(j.pending.cut, j.request.tensor) for j in jobs]
         try:
             t0 = time.perf_counter()
-            outputs = await asyncio.to_thread(self.runner.run_numpy, items)
+            if predicted <= INLINE_S:
+                # A sub-millisecond batch costs less than the thread handoff it would wait for.
+                outputs = self.runner.run_numpy(items)
+            else:
+                outputs = await asyncio.to_thread(self.runner.run_numpy, items)
             compute_s = time.perf_counter() - t0
         except Exception as exc:
             err = exc if isinstance(exc, GraftError) else InternalError(f"batch failed: {type(exc).__name__}: {exc}")
