@@ -165,6 +165,12 @@ def readme_snippet() -> str:
     return "\n".join(line[4:] for line in block.splitlines()).strip() + "\n"
 
 
+def test_readme_shows_the_sdk_snippet_unchanged() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert readme_snippet() in blocks, "README's SDK example drifted from common/client.py's docstring"
+
+
 @pytest.fixture
 async def full_size_system(redis: Redis, redis_url: str) -> AsyncIterator[None]:
     async for _ in running_system(redis, Settings(redis_url=redis_url, models=("resnet18",))):
