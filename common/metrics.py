@@ -35,6 +35,9 @@ STAGE_MS = Histogram("graft_stage_ms", "Latency of a pipeline stage in ms", ["st
 QUEUE_LAG = Gauge("graft_queue_lag", "Entries waiting in a group stream (lag + pending)", ["group"],
                   registry=REGISTRY)
 PLAN_EPOCH = Gauge("graft_plan_epoch", "Epoch of the plan this service runs", ["service"], registry=REGISTRY)
+PLAN_UNPLACED = Gauge("graft_plan_unplaced_replicas",
+                      "Replicas the current plan places on devices no live worker agent hosts (planner)",
+                      registry=REGISTRY)
 REPLICAS = Gauge("graft_replicas", "Replica processes running on this agent", ["device"], registry=REGISTRY)
 RECLAIMED = Counter("graft_reclaimed_total", "Entries reclaimed from dead consumers", ["group"],
                     registry=REGISTRY)
@@ -45,7 +48,8 @@ ReadyCheck = Callable[[], Awaitable[bool]]
 
 
 class HealthServer:
-    """Serves /metrics, /healthz and /readyz on 127.0.0.1 (or ``host``); port 0 picks a free port."""
+    """Serves /metrics, /healthz and /readyz on 127.0.0.1 (or ``host``: services pass
+    ``GRAFT_METRICS_HOST``, 0.0.0.0 to be scraped from another container); port 0 picks a free port."""
 
     def __init__(self, ready: ReadyCheck, *, host: str = "127.0.0.1", port: int = 0,
                  registry: CollectorRegistry = REGISTRY) -> None:
@@ -53,6 +57,14 @@ class HealthServer:
         self._host, self._port = host, port
         self._registry = registry
         self._server: asyncio.base_events.Server | None = None
+
+    @property
+    def host(self) -> str:
+        """The address the server is bound to (of its first socket)."""
+        if self._server is None:
+            raise RuntimeError("health server not started")
+        host: str = self._server.sockets[0].getsockname()[0]
+        return host
 
     @property
     def port(self) -> int:

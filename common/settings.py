@@ -20,6 +20,7 @@
 | GRAFT_BATCHING | eager | eager: an idle replica launches what is queued (work-conserving); slack: hold until the head's slack runs out |
 | GRAFT_SWITCH_TIMEOUT_S | 30 | longest the ingress waits for a new plan's replicas before switching anyway (s) |
 | GRAFT_METRICS_PORT | 0 | base Prometheus port (0: pick a free port per service) |
+| GRAFT_METRICS_HOST | 127.0.0.1 | address the metrics/health endpoints bind (0.0.0.0: every interface, e.g. in a container) |
 | GRAFT_LOG_LEVEL | info | log level |
 | GRAFT_LOG_FORMAT | json | json for services, console for the CLI |
 | GRAFT_SEED | 0 | seed for random model weights (every process must agree) |
@@ -28,7 +29,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -40,6 +43,18 @@ class SettingsError(ValueError):
 
 def _split(value: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in value.split(",") if s.strip())
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*$")
+
+
+def _is_host(value: str) -> bool:
+    """An IPv4/IPv6 address or a DNS host name (what the health server can bind)."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return bool(_HOSTNAME.match(value))
+    return True
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,7 @@ class Settings:
     switch_timeout_s: float = 30.0
     batching: str = "eager"
     metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
     log_level: str = "info"
     log_format: str = "json"
     seed: int = 0
@@ -84,6 +100,9 @@ class Settings:
             raise SettingsError(f"GRAFT_BATCHING must be eager or slack, got {self.batching!r}")
         if self.max_deliveries < 1:
             raise SettingsError("GRAFT_MAX_DELIVERIES must be at least 1")
+        if not _is_host(self.metrics_host):
+            raise SettingsError(f"GRAFT_METRICS_HOST must be an IP address or a host name (127.0.0.1, 0.0.0.0, ::), "
+                                f"got {self.metrics_host!r}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

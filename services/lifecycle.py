@@ -103,8 +103,8 @@ def run_service(service: str, main: ServiceMain, argv: list[str] | None = None,
             return hb.ready and bool(await r.ping())
 
         port = settings.metrics_port + port_offset if settings.metrics_port else 0
-        health = await HealthServer(ready, port=port).start()
-        log.info(logs.Event.SERVICE_STARTED, metrics_port=health.port)
+        health = await HealthServer(ready, host=settings.metrics_host, port=port).start()
+        log.info(logs.Event.SERVICE_STARTED, metrics_host=health.host, metrics_port=health.port)
         hb.status["metrics_port"] = health.port
         beat = asyncio.create_task(hb.run(stop))
         try:

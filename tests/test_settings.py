@@ -18,7 +18,18 @@ def test_defaults_and_env_round_trip() -> None:
     {"GRAFT_DEVICE": "tpu"},
     {"GRAFT_MAX_DELIVERIES": "0"},
     {"GRAFT_RESOLUTION": "big"},
+    {"GRAFT_METRICS_HOST": "0.0.0.0:9100"},
+    {"GRAFT_METRICS_HOST": "two hosts"},
 ])
 def test_bad_values_are_refused(env) -> None:
     with pytest.raises(SettingsError):
         Settings.from_env(env)
+
+
+def test_metrics_host_defaults_to_loopback_and_reaches_child_processes() -> None:
+    assert Settings.from_env({}).metrics_host == "127.0.0.1"
+    assert Settings.from_env({"GRAFT_METRICS_HOST": ""}).metrics_host == "127.0.0.1"
+    for host in ("0.0.0.0", "::", "worker-1.graft.internal"):
+        s = Settings.from_env({"GRAFT_METRICS_HOST": host})
+        assert s.metrics_host == host
+        assert s.to_env()["GRAFT_METRICS_HOST"] == host and Settings.from_env(s.to_env()) == s

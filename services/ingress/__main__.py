@@ -2,7 +2,7 @@
 
 Settings come from the environment (``Settings.from_env``). SIGTERM/SIGINT finish the batch in hand,
 flush statistics and exit 0. The health server (``/metrics``, ``/healthz``, ``/readyz``) listens on
-``GRAFT_METRICS_PORT`` (0: a free port, logged).
+``GRAFT_METRICS_HOST`` (default 127.0.0.1), port ``GRAFT_METRICS_PORT`` (0: a free port, logged).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ async def serve(settings: Settings, name: str | None, metrics_port: int | None) 
 
     port = metrics_port if metrics_port is not None else (
         settings.metrics_port + METRICS_PORT_OFFSET if settings.metrics_port else 0)
-    health = await HealthServer(ready, port=port).start()
+    health = await HealthServer(ready, host=settings.metrics_host, port=port).start()
     service.metrics_port = health.port
     try:
         await service.run(stop)

@@ -111,7 +111,7 @@ class Replica:
         bind(epoch=self.epoch, group=self.group, consumer=self.consumer)
         r = self._redis if self._redis is not None else self._connect()
         self._redis = r
-        health = await HealthServer(self._ready, port=self._metrics_port).start()
+        health = await HealthServer(self._ready, host=self.settings.metrics_host, port=self._metrics_port).start()
         self.health_port = health.port
         beat = asyncio.create_task(self._heartbeat(r), name=f"{self.consumer}-heartbeat")
         helpers: list[asyncio.Task[None]] = []
@@ -188,6 +188,9 @@ class Replica:
         PLAN_EPOCH.labels(service="replica").set(self.epoch)
         torch_device = self._torch_device()
         weights = Path(self.settings.weights_dir) / f"{spec.model}.pt" if self.settings.weights_dir else None
+        if weights is not None and not weights.exists():
+            # An empty or partial GRAFT_WEIGHTS_DIR is allowed: models without a file get the seeded weights.
+            log.warning("weights_missing", model=spec.model, path=str(weights), using="seeded random weights")
         try:
             runner = await asyncio.to_thread(
                 FragmentRunner, spec.model, min_cut=spec.min_cut, resolution=self.settings.resolution or None,
