@@ -28,6 +28,8 @@ class Event(StrEnum):
     PLAN_SWITCHED = "plan_switched"
     PLAN_UNCHANGED = "plan_unchanged"
     PLAN_WAITING = "plan_waiting_for_workers"
+    PLAN_UNPLACED = "plan_unplaced_replicas"
+    WORKER_DEVICES = "worker_devices_changed"
     PLAN_SWITCH_TIMEOUT = "plan_switch_timeout"
     GROUP_DRAINED = "group_drained"
     REPLICA_STARTED = "replica_started"

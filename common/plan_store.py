@@ -53,6 +53,34 @@ async def publish_plan(r: Any, plan: Mapping[str, Any]) -> int:
                 continue
 
 
+async def annotate_plan(r: Any, epoch: int, fields: Mapping[str, Any]) -> bool:
+    """Update report-only fields of the current plan in place while its epoch is still ``epoch``.
+
+    For what no service acts on (the planner's ``unplaced`` report): watchers follow epochs, so they
+    never see this change, and the history stream keeps each plan as it was published. Returns False
+    when the current plan is missing or has another epoch (then nothing is written).
+    """
+    async with r.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                await pipe.watch(keys.PLAN)
+                raw = await pipe.get(keys.PLAN)
+                if raw is None:
+                    await pipe.unwatch()
+                    return False
+                plan = wire.decode_plan(raw)
+                if PlanView(plan).epoch != epoch:
+                    await pipe.unwatch()
+                    return False
+                plan.update(fields)
+                pipe.multi()
+                pipe.set(keys.PLAN, wire.encode_plan(plan))
+                await pipe.execute()
+                return True
+            except WatchError:
+                continue
+
+
 async def plan_history(r: Any, count: int = 20) -> list[dict[str, Any]]:
     """The last ``count`` published plans, newest first."""
     entries = await r.xrevrange(keys.PLANS, count=count)

@@ -132,3 +132,145 @@ async def test_drift_that_changes_nothing_keeps_the_epoch(redis, tmp_path) -> No
     view = await load_plan(redis)
     assert view is not None and view.epoch == 1
     assert any(f["cut"] == 1 and f["rate_rps"] > 1.0 for f in planner.current["workload"])  # baseline moved
+
+
+# ------------------------------------------------------------------------ devices of live worker agents
+
+async def beat(redis, name: str, devices: list[str], **extra) -> None:
+    """A worker agent's heartbeat, as services/worker/agent.py writes it."""
+    status = {"service": "worker", "name": name, "ts": time.time(), "devices": devices, "epoch": None, **extra}
+    await redis.set(keys.health("worker", name), wire.encode_message("health", status), ex=60)
+
+
+async def wait_plan(redis, pred, what: str, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        view = await load_plan(redis)
+        if view is not None and pred(view.raw):
+            return view.raw
+        assert time.monotonic() < deadline, f"timed out waiting for {what}; plan is {view.raw if view else None}"
+        await asyncio.sleep(0.02)
+
+
+def devices_of(plan: dict) -> list[str]:
+    return [p["device"] for p in plan["placement"]]
+
+
+def unplaced_gauge() -> float | None:
+    from common.metrics import REGISTRY
+    return REGISTRY.get_sample_value("graft_plan_unplaced_replicas")
+
+
+async def test_planner_places_on_live_worker_devices_and_follows_them(redis, tmp_path) -> None:
+    from common.planning import verify_plan
+    from common.planning.types import workload_from_dict
+    from services.planner.devices import LiveDevices
+
+    prof = tiny_profile()
+    # replan_s is long: every re-plan below happens at once, through a command or a device change.
+    settings = Settings(models=("m",), replan_s=60.0, drift=0.5, block_ms=20)
+    await beat(redis, "w0", ["gpu0"])
+    await redis.set(keys.health("worker", "junk"), b"garbage")  # ignored, not fatal
+    await redis.set(keys.health("planner", "other"), wire.encode_message("health", {"devices": ["gpu9"]}))
+    planner = Planner(settings, redis, prof, "p")
+    planner.device_poll_s, planner.devices = 0.05, LiveDevices(grace_s=0.5)
+    stop = asyncio.Event()
+    task = asyncio.create_task(planner.run(stop, "planner-test"))
+    try:
+        first = await wait_plan(redis, lambda p: p["epoch"] == 1, "the bootstrap plan")
+        assert devices_of(first) == ["gpu0"] and first["unplaced"] == []
+        # Six replicas of share 50 need three GPUs; only gpu0 exists: the rest is reported, not hidden.
+        await redis.xadd(keys.CONTROL, {keys.FIELD: wire.encode_message(
+            "control", {"cmd": "scale", "group": first["groups"][0]["id"], "replicas": 6})})
+        plan = await wait_plan(redis, lambda p: p["epoch"] == 2, "the scaled plan")
+        assert devices_of(plan) == ["gpu0", "gpu1", "gpu2"]
+        assert plan["unplaced"] == [{"device": "gpu1", "replicas": 2}, {"device": "gpu2", "replicas": 2}]
+        assert unplaced_gauge() == 4
+        assert verify_plan(prof, workload_from_dict({"fragments": plan["workload"]}), plan) == []
+
+        # An agent hosting exactly a missing device: it serves it as named, same epoch, smaller report.
+        await beat(redis, "w1", ["gpu2"])
+        plan = await wait_plan(redis, lambda p: len(p["unplaced"]) == 1, "the report to shrink")
+        assert plan["epoch"] == 2 and plan["unplaced"] == [{"device": "gpu1", "replicas": 2}]
+        assert unplaced_gauge() == 2
+
+        # An agent with other devices: re-plan at once (no minimum epoch length), everything placed.
+        await beat(redis, "w2", ["gpu5", "gpu7"])
+        plan = await wait_plan(redis, lambda p: p["epoch"] == 3, "a re-plan onto the new agent")
+        assert devices_of(plan) == ["gpu0", "gpu2", "gpu5"] and plan["unplaced"] == []
+        assert unplaced_gauge() == 0
+
+        # gpu0's agent dies: after the grace its replicas move to the spare gpu7.
+        gone_at = time.monotonic()
+        await redis.delete(keys.health("worker", "w0"))
+        plan = await wait_plan(redis, lambda p: p["epoch"] == 4, "replicas to leave the dead gpu0")
+        assert time.monotonic() - gone_at >= 0.5  # not before the grace
+        assert sorted(devices_of(plan)) == ["gpu2", "gpu5", "gpu7"] and plan["unplaced"] == []
+        assert verify_plan(prof, workload_from_dict({"fragments": plan["workload"]}), plan) == []
+
+        # The second agent dies too: nowhere to move, so the epoch stays and the shortfall is reported.
+        await redis.delete(keys.health("worker", "w2"))
+        plan = await wait_plan(redis, lambda p: p["unplaced"], "the shortfall report")
+        assert plan["epoch"] == 4 and sorted(devices_of(plan)) == ["gpu2", "gpu5", "gpu7"]
+        assert sorted(u["device"] for u in plan["unplaced"]) == ["gpu5", "gpu7"] and unplaced_gauge() == 4
+        assert planner.current is not None and planner.current["unplaced"] == plan["unplaced"]
+
+        # Draining the one live device leaves nothing to place on; the drained one gets no replica.
+        await redis.xadd(keys.CONTROL, {keys.FIELD: wire.encode_message("control", {"cmd": "drain", "device": "gpu2"})})
+        plan = await wait_plan(redis, lambda p: p["epoch"] == 5, "the drain")
+        assert "gpu2" not in devices_of(plan) and sum(u["replicas"] for u in plan["unplaced"]) == 6
+        history = [wire.decode_plan(f[keys.FIELD])["epoch"] for _, f in await redis.xrange(keys.PLANS)]
+        assert history == [1, 2, 3, 4, 5]  # report-only updates never entered the history
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_planner_follows_a_whole_cpu_agent_without_churn(redis) -> None:
+    from common.profiles import make_profile
+    from services.planner.devices import LiveDevices
+
+    blocks = [{"name": f"b{j}", "out_bytes": 100, "flops": 10**6,
+               "latency_ms": [[1.0, 0.6], [1.5, 0.9]]} for j in range(2)]
+    prof = make_profile("measured", "cpu-test", "cpu_threads", [1, 2], [1, 2],
+                        {"m": {"input_shape": [3, 8, 8], "input_bytes": 768, "blocks": blocks}})
+    planner = Planner(Settings(models=("m",), replan_s=60.0, block_ms=20), redis, prof, "cpu")
+    planner.devices = LiveDevices(grace_s=0.0, misses=1)
+    await beat(redis, "host", ["cpu0"])  # a whole-CPU agent before it adopted the plan's other cpus
+    await planner.bootstrap()
+    gid = planner.current["groups"][0]["id"]
+    planner.on_control(wire.encode_message("control", {"cmd": "scale", "group": gid, "replicas": 4}))
+    await planner.maybe_replan(force="scale")
+    plan = planner.current
+    n_dev = len(plan["placement"])
+    assert n_dev >= 2 and devices_of(plan) == [f"cpu{i}" for i in range(n_dev)]
+    assert [u["device"] for u in plan["unplaced"]] == [f"cpu{i}" for i in range(1, n_dev)]
+    epoch = plan["epoch"]
+    # The agent adopts every cpuN of the plan and says so in its next heartbeat: same epoch, no shortfall.
+    await beat(redis, "host", [f"cpu{i}" for i in range(n_dev)])
+    await planner.poll_devices(force=True)
+    assert await planner.follow_devices() is False
+    stored = (await load_plan(redis)).raw
+    assert stored["epoch"] == epoch and stored["unplaced"] == [] and planner.current["unplaced"] == []
+    # An agent that reports its whole-CPU mode covers any cpu name, even after the others vanish.
+    await beat(redis, "host", ["cpu0"], all_cpu_devices=True)
+    await planner.poll_devices(force=True)
+    assert await planner.follow_devices() is False
+    assert (await load_plan(redis)).raw["unplaced"] == [] and planner.devices.all_cpu
+
+
+async def test_annotate_plan_only_touches_the_current_epoch(redis) -> None:
+    from common.plan_store import annotate_plan, publish_plan
+
+    assert await annotate_plan(redis, 1, {"unplaced": []}) is False  # no plan yet
+    prof = tiny_profile()
+    wl = build_workload({}, {"m": 4}, floor_rps=1.0, default_budget_ms=200)
+    plan = next_plan(prof, wl, epoch=1, rho=0.9, steering=Steering(), profile_name="t", live=set())
+    assert plan["unplaced"] == [{"device": "gpu0", "replicas": 1}]
+    await publish_plan(redis, plan)
+    assert await annotate_plan(redis, 2, {"unplaced": []}) is False
+    assert (await load_plan(redis)).raw["unplaced"] == plan["unplaced"]
+    assert await annotate_plan(redis, 1, {"unplaced": []}) is True
+    view = await load_plan(redis)
+    assert view.epoch == 1 and view.raw["unplaced"] == [] and view.raw["groups"] == plan["groups"]
+    assert await redis.xlen(keys.PLANS) == 1

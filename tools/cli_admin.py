@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -86,6 +87,10 @@ def plan_table(plan: dict[str, Any]) -> Table:
         t.add_row(str(g["id"]), str(g["model"]), ",".join(map(str, g["cuts"])), str(g["batch"]), str(g["share"]),
                   str(g["replicas"]), f"{float(g.get('latency_ms', 0)):.2f}", f"{float(g.get('rate_rps', 0)):.1f}",
                   f"{float(g.get('min_budget_ms', 0)):.1f}")
+    unplaced = [u for u in plan.get("unplaced") or [] if isinstance(u, dict)]
+    if unplaced:  # the planner found no live worker agent for these devices
+        t.caption = "unplaced (no live worker agent hosts the device): " + ", ".join(
+            f"{u.get('device')} ({u.get('replicas')} replicas)" for u in unplaced)
     return t
 
 
@@ -178,7 +183,11 @@ def dead_letters(redis_url: RedisUrl = None, count: Annotated[int, typer.Option(
                  purge: Annotated[bool, typer.Option("--purge", help="delete them after listing")] = False) -> None:
     """Entries that could not be processed, with their error."""
     rows = _with_redis(redis_url, lambda r: admin.dead_letters(r, count))
-    console.print(_table("dead letters", rows) if rows else "no dead letters")
+    for row in rows:
+        ms = row.pop("time_ms", None)
+        row["when"] = time.strftime("%m-%d %H:%M:%S", time.localtime(int(ms) / 1000)) if ms else ""
+    columns = ["when", "stream", "id", "code", "message", "deliveries", "consumer"]
+    console.print(_table("dead letters (payloads not shown)", rows, columns) if rows else "no dead letters")
     if purge:
         n = _with_redis(redis_url, admin.purge_dead_letters)
         console.print(f"purged {n} dead letter(s)")

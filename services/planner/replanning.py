@@ -4,11 +4,13 @@ The planner re-plans when the traffic drifted past a threshold and the current e
 (hysteresis: a minimum epoch length stops a noisy rate from flapping plans), or at once when an admin
 asks. Admin overrides survive re-plans: a group pinned with ``graft scale`` keeps at least its
 replicas while a group with the same model and cuts exists, and drained devices receive no replicas.
+Every plan's placement is then mapped onto the devices live worker agents host
+(``services/planner/devices.py``); replicas no live device can take are listed under ``unplaced``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -16,6 +18,7 @@ from common.planning.place import device_kind, place
 from common.planning.policies import plan as make_plan
 from common.planning.types import Group, Plan, workload_from_dict
 from common.profiles import Profile
+from services.planner.devices import assign_devices
 
 GroupKey = tuple[str, tuple[int, ...]]
 
@@ -52,13 +55,22 @@ class Steering:
 
 
 def next_plan(profile: Profile, workload: Mapping[str, Any], *, epoch: int, rho: float, steering: Steering,
-              profile_name: str, policy: str = "graft") -> dict[str, Any]:
-    """Plan ``workload`` with ``policy``, then apply pins and drained devices."""
+              profile_name: str, policy: str = "graft", live: Collection[str] | None = None,
+              all_cpu: bool = False, previous: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Plan ``workload`` with ``policy``, apply pins, then put the placement on live, non-drained devices.
+
+    ``live``: device names live worker agents host (``None``: unknown, keep positional names);
+    ``all_cpu``: a live agent serves every ``cpuN``; ``previous``: the current plan's placement, whose
+    device choices are kept where they still work. The plan gets ``unplaced``: the devices (synthetic
+    names nobody hosts) whose replicas no live device could take, ``[{"device", "replicas": count}]``.
+    """
     fragments = workload_from_dict(workload)
     plan = make_plan(profile, fragments, policy, rho=rho, epoch=epoch, profile_name=profile_name)
     plan = _apply_pins(plan, steering.pinned, profile)
     out = plan.to_dict()
-    out["placement"] = _skip_drained(out["placement"], steering.drained)
+    assigned = assign_devices(out["placement"], live, steering.drained, all_cpu=all_cpu, previous=previous)
+    out["placement"] = assigned.placement
+    out["unplaced"] = assigned.unplaced
     out["workload"] = list(workload["fragments"])
     return out
 
@@ -68,6 +80,8 @@ def same_serving(a: Mapping[str, Any] | None, b: Mapping[str, Any]) -> bool:
 
     Publishing such a plan would only churn replica processes (a new epoch means new streams and
     new replicas), so the planner keeps the current epoch and just moves its drift baseline.
+    Report-only keys (``workload``, ``unplaced``) do not count: whether a device is served follows
+    from its name and the live agents, so equal device names mean equal service.
     """
     if a is None:
         return False
@@ -88,20 +102,3 @@ def _apply_pins(plan: Plan, pinned: Mapping[GroupKey, int], profile: Profile) ->
         n = pinned.get((g.model, tuple(g.cuts)))
         groups.append(replace(g, replicas=max(g.replicas, n)) if n else g)
     return replace(plan, groups=tuple(groups), placement=place(groups, device_kind(profile)))
-
-
-def _skip_drained(placement: Sequence[Mapping[str, Any]], drained: set[str]) -> list[dict[str, Any]]:
-    """Rename devices so no replica lands on a drained one (devices of a kind are interchangeable)."""
-    if not drained:
-        return [dict(p) for p in placement]
-    out: list[dict[str, Any]] = []
-    used: set[str] = set()
-    for p in placement:
-        name = str(p["device"])
-        prefix = name.rstrip("0123456789")
-        i = 0
-        while f"{prefix}{i}" in drained or f"{prefix}{i}" in used:
-            i += 1
-        used.add(f"{prefix}{i}")
-        out.append({**p, "device": f"{prefix}{i}"})
-    return out

@@ -4,23 +4,36 @@ It publishes plan epoch 1 at once (every served model, every cut, a nominal rate
 workers can serve before any statistics exist. Then it folds ingress statistics into a sliding
 window and publishes ``epoch + 1`` when the traffic drifted past ``GRAFT_DRIFT`` and the current
 epoch is at least ``GRAFT_REPLAN_S`` old, or at once on ``graft replan``/``scale``/``drain``.
+
+It also follows which devices exist: every ``DEVICE_POLL_S`` it reads the worker agents' heartbeats
+(the devices each hosts), and every plan's placement goes onto live, non-drained devices
+(``devices.assign_devices``); replicas no live device can take are listed under the plan's
+``unplaced``, logged and exported as ``graft_plan_unplaced_replicas``. When an agent dies (its
+devices missing for ``DEVICE_GRACE_S``) or appears so that the current plan would be placed
+differently, it re-plans at once from the current workload, without waiting for the minimum epoch
+length. If only the ``unplaced`` report changed (an agent came up with exactly the missing device),
+the epoch is kept and the stored plan's report is updated in place.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from common import keys, logs, wire
 from common.errors import InvalidRequest
-from common.metrics import PLAN_EPOCH
-from common.plan_store import StaleEpoch, load_plan, publish_plan
+from common.metrics import PLAN_EPOCH, PLAN_UNPLACED
+from common.plan_store import StaleEpoch, annotate_plan, load_plan, publish_plan
 from common.profiles import Profile, ProfileError, shipped
 from common.settings import Settings
 from common.streams import StreamConsumer, ensure_group
 from services.lifecycle import Heartbeat
+from services.planner.devices import LiveDevices, needs_reassignment, parse_worker_status, shortfall
 from services.planner.observed import TrafficWindow, build_workload, drift, parse_stats
 from services.planner.replanning import Steering, next_plan, same_serving
 
@@ -28,6 +41,8 @@ BOOTSTRAP_RPS = 1.0       # nominal rate per fragment before any traffic is seen
 FLOOR_RPS = 0.05          # rate kept for cuts nobody uses, so every (model, cut) stays routable
 DEFAULT_BUDGET_MS = 200.0  # budget assumed for fragments never seen
 WINDOW_S = 20.0
+DEVICE_POLL_S = 1.0        # worker heartbeats are read this often (agents beat every 1 s, TTL 5 s)
+DEVICE_GRACE_S = 3.0       # a device counts as gone once missing this long (and from 2 scans in a row)
 
 
 def load_profile(settings: Settings) -> tuple[Profile, str]:
@@ -56,37 +71,134 @@ class Planner:
         self.log = logs.get_logger("graft.planner")
         self.current: dict[str, Any] | None = None
         self.published_at = 0.0
+        self.devices = LiveDevices(grace_s=DEVICE_GRACE_S)
+        self.device_poll_s = DEVICE_POLL_S
+        self._devices_read_at = float("-inf")
 
     async def publish(self, workload: dict[str, Any], reason: str, *, forced: bool = True) -> dict[str, Any]:
         epoch = (int(self.current["epoch"]) if self.current else 0) + 1
         plan = next_plan(self.profile, workload, epoch=epoch, rho=self.settings.rho, steering=self.steering,
-                         profile_name=self.profile_name, policy=self.settings.policy)
+                         profile_name=self.profile_name, policy=self.settings.policy, live=self.devices.live,
+                         all_cpu=self.devices.all_cpu, previous=(self.current or {}).get("placement"))
         if not forced and self.current is not None and same_serving(self.current, plan):
-            # Same groups, shares and replicas: keep serving this epoch, only move the drift baseline.
+            # Same groups, shares and replicas on the same devices: keep serving this epoch, only move
+            # the drift baseline (and bring its unplaced report up to date with the live devices).
             self.current = {**self.current, "workload": plan["workload"]}
             self.published_at = time.monotonic()
             self.log.info(logs.Event.PLAN_UNCHANGED, reason=reason, epoch=self.current["epoch"])
+            await self.refresh_unplaced()
             return self.current
         try:
             await publish_plan(self.r, plan)
         except StaleEpoch:  # another planner moved on: follow it
             view = await load_plan(self.r)
             plan = view.raw if view else plan
+        previous = (self.current or {}).get("unplaced")
         self.current, self.published_at = plan, time.monotonic()
         PLAN_EPOCH.labels("planner").set(plan["epoch"])
         logs.bind(epoch=plan["epoch"])
         self.log.info(logs.Event.PLAN_PUBLISHED, reason=reason, groups=len(plan["groups"]),
-                      total_share=plan["total_share"], devices=plan["gpus"], infeasible=len(plan["infeasible"]))
+                      total_share=plan["total_share"], devices=plan["gpus"], infeasible=len(plan["infeasible"]),
+                      unplaced=sum(int(u["replicas"]) for u in plan.get("unplaced", [])))
+        self.report_unplaced(plan, previous)
         if self.hb is not None:
             self.hb.status.update(status="running", epoch=plan["epoch"])
             self.hb.ready = True
         return plan
 
+    def report_unplaced(self, plan: Mapping[str, Any], previous: Sequence[Mapping[str, Any]] | None = None) -> None:
+        """Gauge and log the plan's shortfall: replicas on devices no live worker agent hosts."""
+        unplaced = list(plan.get("unplaced", []))
+        n = sum(int(u.get("replicas", 0)) for u in unplaced)
+        PLAN_UNPLACED.set(n)
+        live = self.devices.live
+        if n:
+            self.log.warning(logs.Event.PLAN_UNPLACED, epoch=plan.get("epoch"), replicas=n,
+                             devices=[u.get("device") for u in unplaced],
+                             live_devices=None if live is None else sorted(live),
+                             all_cpu_agent=self.devices.all_cpu,
+                             drained=sorted(self.steering.drained),
+                             consequence="these replicas run nowhere until a worker agent hosts their device")
+        elif previous:
+            self.log.info(logs.Event.PLAN_UNPLACED, epoch=plan.get("epoch"), replicas=0,
+                          live_devices=None if live is None else sorted(live))
+        if self.hb is not None:
+            self.hb.status.update(unplaced_replicas=n)
+
+    async def refresh_unplaced(self) -> None:
+        """Recompute the current plan's ``unplaced`` for the live devices; store it without a new epoch."""
+        if self.current is None:
+            return
+        before = list(self.current.get("unplaced", []))
+        now = shortfall(self.current.get("placement", []), self.devices.live, self.steering.drained,
+                        all_cpu=self.devices.all_cpu)
+        if now == before and "unplaced" in self.current:
+            return
+        self.current = {**self.current, "unplaced": now}
+        if not await annotate_plan(self.r, int(self.current["epoch"]), {"unplaced": now}):
+            self.log.info("plan_annotation_skipped", epoch=self.current["epoch"],
+                          note="the stored plan has another epoch")
+        self.report_unplaced(self.current, before)
+
+    async def read_worker_devices(self) -> tuple[set[str], bool]:
+        """Devices named by live worker heartbeats, and whether one of them serves every cpu device."""
+        names = [k async for k in self.r.scan_iter(match=keys.health_pattern("worker"), count=500)]
+        seen: set[str] = set()
+        all_cpu = False
+        if not names:
+            return seen, all_cpu
+        for raw in await self.r.mget(names):
+            if raw is None:  # expired between SCAN and MGET
+                continue
+            try:
+                status = wire.decode_message(raw, "health")
+            except InvalidRequest:
+                continue  # not a heartbeat: ignore it, it says nothing about devices
+            devices, whole_cpu = parse_worker_status(status)
+            seen.update(devices)
+            all_cpu = all_cpu or whole_cpu
+        return seen, all_cpu
+
+    async def poll_devices(self, *, force: bool = False) -> bool:
+        """Read heartbeats into the live device set, at most every ``device_poll_s``; True when it read."""
+        now = time.monotonic()
+        if not force and now - self._devices_read_at < self.device_poll_s:
+            return False
+        self._devices_read_at = now
+        seen, all_cpu = await self.read_worker_devices()
+        appeared, gone = self.devices.observe(seen, all_cpu, now)
+        if appeared or gone:
+            live = self.devices.live
+            self.log.info(logs.Event.WORKER_DEVICES, appeared=sorted(appeared), gone=sorted(gone),
+                          live_devices=None if live is None else sorted(live), all_cpu_agent=self.devices.all_cpu)
+            if self.hb is not None:
+                self.hb.status.update(live_devices=sorted(live or ()), all_cpu_agent=self.devices.all_cpu)
+        return True
+
+    async def follow_devices(self) -> bool:
+        """Re-plan at once when the current plan no longer fits the live devices. True if the epoch moved."""
+        if self.current is None or self.devices.live is None:
+            return False
+        if not needs_reassignment(self.current, self.devices.live, self.steering.drained,
+                                  all_cpu=self.devices.all_cpu):
+            return False
+        before, published_at = self.current.get("epoch"), self.published_at
+        # The current workload, not the observed one: the groups stay as they are and only the
+        # placement moves (drift keeps its own schedule). Same serving → same epoch, fresh report.
+        workload = list(self.current.get("workload") or []) or self.observed_workload()["fragments"]
+        plan = await self.publish({"fragments": workload}, "devices changed", forced=False)
+        if plan.get("epoch") == before:
+            self.published_at = published_at  # only the report changed: the epoch's age still counts
+            return False
+        return True
+
     async def bootstrap(self) -> None:
+        await self.poll_devices(force=True)
         view = await load_plan(self.r)
         if view is not None and set(self.served) <= view.models:
             self.current, self.published_at = view.raw, time.monotonic()
             PLAN_EPOCH.labels("planner").set(view.epoch)
+            self.report_unplaced(view.raw)
             if self.hb is not None:
                 self.hb.status.update(status="running", epoch=view.epoch)
                 self.hb.ready = True
@@ -151,8 +263,11 @@ class Planner:
                 for e in await control.read(block_ms=1):
                     forced = self.on_control(e.payload) or forced
                     await control.ack([e.id])
+                polled = await self.poll_devices()
                 await self.maybe_replan(force=forced)
-            except (ConnectionError, OSError, TimeoutError) as exc:
+                if polled:
+                    await self.follow_devices()
+            except (RedisError, ConnectionError, OSError, TimeoutError) as exc:
                 self.log.warning(logs.Event.REDIS_RECONNECT, error=repr(exc))
                 await asyncio.sleep(0.5)
 

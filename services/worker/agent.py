@@ -91,14 +91,16 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         return {"service": "worker", "name": self.name, "host": socket.gethostname(), "pid": os.getpid(),
-                "ts": time.time(), "devices": sorted(self.devices), "epoch": self.epoch, "mps": self._mps,
+                "ts": time.time(), "devices": sorted(self.devices), "all_cpu_devices": self._all_cpu,
+                "epoch": self.epoch, "mps": self._mps,
                 "metrics_port": self.health_port, "replicas": [p.describe() for p in self._procs.values()]}
 
     async def run(self) -> int:
         r = self._redis if self._redis is not None else self._connect()
         self._redis = r
         base = self.settings.metrics_port
-        health = await HealthServer(self._ready, port=base + WORKER_PORT_OFFSET if base else 0).start()
+        health = await HealthServer(self._ready, host=self.settings.metrics_host,
+                                    port=base + WORKER_PORT_OFFSET if base else 0).start()
         self.health_port = health.port
         log.info(Event.SERVICE_STARTED, agent=self.name, devices=sorted(self.devices), metrics_port=health.port)
         beat = asyncio.create_task(self._heartbeat(r), name="worker-heartbeat")
@@ -153,7 +155,7 @@ class Agent:
             await asyncio.sleep(HEARTBEAT_S)
 
     async def _apply(self, view: PlanView) -> None:
-        """Start the new epoch's replicas on our devices, then retire every older one."""
+        """Retire every older replica (they drain on their own) and start the new epoch's replicas."""
         previous = self._view
         self._view = view
         PLAN_EPOCH.labels(service="worker").set(view.epoch)
@@ -161,6 +163,13 @@ class Agent:
             for name in view.devices():
                 if name.startswith("cpu") and name not in self.devices:
                     self.devices[name] = Device.parse(name)
+        # Older replicas are marked draining first: starting the new ones awaits process spawns, and an
+        # old replica that drains meanwhile must be recognised as drained, not as an unplanned exit.
+        now = time.monotonic()
+        for key, proc in self._procs.items():
+            if key[0] < view.epoch and key not in self._drain_deadline:
+                proc.state = State.DRAINING
+                self._drain_deadline[key] = now + self._drain_timeout_s
         mine = [p for dev in self.devices for p in view.placements(dev)]
         log.info(Event.PLAN_SWITCHED, epoch=view.epoch, previous=None if previous is None else previous.epoch,
                  replicas=len(mine))
@@ -177,11 +186,6 @@ class Agent:
                 proc = ReplicaProcess(slot, self._child_env(), python=self._python, metrics_port=self._port_for(key))
                 self._procs[key] = proc
                 await self._start(proc, restart=False)
-        now = time.monotonic()
-        for key, proc in self._procs.items():
-            if key[0] < view.epoch and key not in self._drain_deadline:
-                proc.state = State.DRAINING
-                self._drain_deadline[key] = now + self._drain_timeout_s
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
