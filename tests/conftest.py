@@ -2,7 +2,9 @@
 
 - ``redis_server``: the session's ``RedisServer`` (free port, no persistence), stopped by PID at exit;
 - ``redis_url``: its URL;
-- ``redis``: a fresh ``redis.asyncio.Redis`` (bytes responses) on a FLUSHALLed server, per test.
+- ``redis``: a fresh ``redis.asyncio.Redis`` (bytes responses) on a FLUSHALLed server, per test;
+- every test starts with structlog's defaults: a test that runs a service's ``main`` configures
+  logging (level included) for the whole process, which must not leak into the next test.
 """
 
 from __future__ import annotations
@@ -10,9 +12,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import structlog
 from redis.asyncio import Redis
 
 from common.redis_server import RedisServer
+
+
+@pytest.fixture(autouse=True)
+def _default_logging() -> Iterator[None]:
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session")
