@@ -39,6 +39,18 @@ def group_stream(epoch: int, gid: str) -> str:
     return f"{PREFIX}:group:{epoch}:{gid}"
 
 
+def parse_group_stream(name: str | bytes) -> tuple[int, str] | None:
+    """``(epoch, gid)`` of a ``group_stream`` name; None for any other key (a gid may contain ``:``)."""
+    text = name.decode() if isinstance(name, bytes) else name
+    head, sep, rest = text.partition(f"{PREFIX}:group:")
+    if head or not sep:
+        return None
+    epoch, sep, gid = rest.partition(":")
+    if not sep or not gid or not (epoch.isascii() and epoch.isdigit()):
+        return None
+    return int(epoch), gid
+
+
 def reply_stream(client: str) -> str:
     return f"{PREFIX}:reply:{client}"
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common import keys
+from common.errors import BadCut
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +68,22 @@ class PlanView:
         cands = self._routes.get((model, cut))
         if not cands:
             return None
+        fitting = [s for s in cands if s.min_budget_ms <= budget_ms]
+        return fitting[-1] if fitting else cands[0]
+
+    def resolve(self, model: str, cut: int, budget_ms: float) -> GroupSpec:
+        """``route``, and a cut no group lists joins the group of that model that starts nearest below it
+        (re-aligned execution runs any cut at or above a group's first cut). Raises ``BadCut`` when no
+        group of ``model`` starts at or below ``cut`` (callers check that the model is served first)."""
+        spec = self.route(model, cut, budget_ms)
+        if spec is not None:
+            return spec
+        below = [s for s in self.groups.values() if s.model == model and s.min_cut <= cut]
+        if not below:
+            raise BadCut(f"cut {cut} of {model} is not served by plan epoch {self.epoch}",
+                         model=model, cut=cut, epoch=self.epoch)
+        nearest = max(s.min_cut for s in below)
+        cands = sorted((s for s in below if s.min_cut == nearest), key=lambda s: (s.min_budget_ms, s.id))
         fitting = [s for s in cands if s.min_budget_ms <= budget_ms]
         return fitting[-1] if fitting else cands[0]
 
