@@ -24,13 +24,21 @@ may be in flight at once. A submit that times out raises the builtin ``TimeoutEr
 its future, so a late reply is dropped; an error reply raises the typed ``GraftError`` of its code
 (``Overloaded`` carries ``retry_after_ms``). The wire protocol itself, for other languages, is
 documented in ``services/ingress/__init__.py``.
+
+A tensor larger than ``blob_threshold_bytes`` (256 KiB by default; 0 keeps every tensor inline) goes
+to a blob: its bytes are SET at ``graft:blob:{req_id}`` with a TTL of the request's budget plus
+``blob_ttl_margin_ms``, in the same pipeline as, and just before, the XADD of its request (a pipeline
+keeps its order, so the blob exists when the ingress reads the request). The ingress checks the blob,
+and the replica that answers deletes it; an unanswered one expires.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +57,8 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 READ_COUNT = 512
+BLOB_THRESHOLD_BYTES = 256 * 1024
+BLOB_TTL_MARGIN_MS = 5_000.0
 
 
 class ClientClosed(RuntimeError):
@@ -76,7 +86,11 @@ def raise_for_reply(reply: wire.Reply) -> npt.NDArray[Any]:
 
 class GraftClient:
     def __init__(self, redis_url: str | None = None, *, redis: Any = None, client_id: str | None = None,
-                 default_timeout_s: float = 10.0, settings: Settings | None = None) -> None:
+                 default_timeout_s: float = 10.0, settings: Settings | None = None,
+                 blob_threshold_bytes: int = BLOB_THRESHOLD_BYTES,
+                 blob_ttl_margin_ms: float = BLOB_TTL_MARGIN_MS) -> None:
+        """``blob_threshold_bytes``: tensors of more bytes travel as blobs (0: never); ``blob_ttl_margin_ms``:
+        how long a blob outlives the request's budget (it must cover the wait before the ingress reads it)."""
         self.settings = settings if settings is not None else Settings.from_env()
         self._url = redis_url or self.settings.redis_url
         if redis is None and not self._url:
@@ -87,11 +101,15 @@ class GraftClient:
         if not client_id_ok(self.client_id):
             raise ValueError(f"client_id {self.client_id!r} must be 1-256 printable characters without spaces")
         self.default_timeout_s = default_timeout_s
+        if blob_threshold_bytes < 0 or blob_ttl_margin_ms < 0:
+            raise ValueError("blob_threshold_bytes and blob_ttl_margin_ms must not be negative")
+        self.blob_threshold_bytes = blob_threshold_bytes
+        self.blob_ttl_margin_ms = blob_ttl_margin_ms
         self.reply_stream = keys.reply_stream(self.client_id)
         self._futures: dict[str, asyncio.Future[wire.Reply]] = {}
         # Submits queue their payloads here; one flusher XADDs whatever is queued in one pipeline, so a
         # thousand concurrent submits cost a few round trips and one connection, not a thousand.
-        self._outbox: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._outbox: list[tuple[_Outgoing, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._last_id = "0-0"
@@ -165,24 +183,34 @@ class GraftClient:
         rid = req_id or uuid.uuid4().hex
         if rid in self._futures:
             raise ValueError(f"req_id {rid!r} is already in flight")
-        payload = wire.encode_request(wire.Request(
-            req_id=rid, client=self.client_id, model=model, cut=int(cut), tensor=as_request_tensor(tensor),
-            budget_ms=budget_ms, slo_ms=slo_ms, device_ms=device_ms,
-        ))
+        req = wire.Request(req_id=rid, client=self.client_id, model=model, cut=int(cut),
+                           tensor=as_request_tensor(tensor), budget_ms=budget_ms, slo_ms=slo_ms, device_ms=device_ms)
+        outgoing = self._outgoing(req)
         timeout = self.default_timeout_s if timeout_s is None else timeout_s
         fut: asyncio.Future[wire.Reply] = asyncio.get_running_loop().create_future()
         # Registered before the XADD: a fast reply must find its future.
         self._futures[rid] = fut
         try:
-            return await asyncio.wait_for(self._send_and_wait(payload, fut), timeout)
+            return await asyncio.wait_for(self._send_and_wait(outgoing, fut), timeout)
         except TimeoutError:
             raise TimeoutError(f"no reply to {rid} ({model} cut {cut}) within {timeout}s") from None
         finally:
             self._futures.pop(rid, None)
 
-    async def _send_and_wait(self, payload: bytes, reply: asyncio.Future[wire.Reply]) -> wire.Reply:
+    def _outgoing(self, req: wire.Request) -> _Outgoing:
+        """The request's envelope, and its blob when its tensor is over the threshold."""
+        assert req.tensor is not None
+        if not self.blob_threshold_bytes or req.tensor.nbytes <= self.blob_threshold_bytes:
+            return _Outgoing(wire.encode_request(req))
+        meta, data = wire.tensor_bytes(req.tensor)
+        req.blob, req.blob_meta = keys.blob(req.req_id), meta
+        budget = req.server_budget_ms() or 0.0
+        ttl_ms = max(1, math.ceil(max(budget, 0.0) + self.blob_ttl_margin_ms))
+        return _Outgoing(wire.encode_request(req), req.blob, data, ttl_ms)
+
+    async def _send_and_wait(self, outgoing: _Outgoing, reply: asyncio.Future[wire.Reply]) -> wire.Reply:
         sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._outbox.append((payload, sent))
+        self._outbox.append((outgoing, sent))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         await sent
@@ -193,8 +221,10 @@ class GraftClient:
             batch, self._outbox = self._outbox, []
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    for payload, _ in batch:
-                        pipe.xadd(keys.INGRESS, {keys.FIELD: payload}, maxlen=self.settings.stream_maxlen,
+                    for out, _ in batch:
+                        if out.blob is not None:  # first the blob, then the request that names it
+                            pipe.set(out.blob, out.data, px=out.ttl_ms)
+                        pipe.xadd(keys.INGRESS, {keys.FIELD: out.payload}, maxlen=self.settings.stream_maxlen,
                                   approximate=True)
                     await pipe.execute()
             except Exception as exc:  # every submit of the batch learns why its request was not sent
@@ -275,6 +305,16 @@ class GraftClient:
             for raw_id, fields in rows:
                 self._last_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
                 self._resolve((fields or {}).get(keys.FIELD))
+
+
+@dataclass(frozen=True, slots=True)
+class _Outgoing:
+    """One queued request: its envelope, and the blob to SET before it (key, bytes, TTL) if it has one."""
+
+    payload: bytes
+    blob: str | None = None
+    data: bytes = b""
+    ttl_ms: int = 0
 
 
 def client_id_ok(value: str) -> bool:

@@ -3,11 +3,11 @@
 Every stream entry has one field, ``m`` (see ``common.keys.FIELD``), holding ``packb(envelope)``::
 
     {"v": 1, "kind": "request", "req_id": str, "client": str, "model": str, "cut": int,
-     "tensor": {"dtype": "float32", "shape": [1, 64, 56, 56], "data": <bytes>},
+     "tensor": {"dtype": "float32", "shape": [1, 64, 56, 56], "data": <bytes> | None},
      "budget_ms": float | None, "slo_ms": float | None, "device_ms": float | None,
      "deadline": float | None,          # absolute, server clock (unix seconds); set by ingress only
      "received": float | None,          # ingress receive time (unix seconds)
-     "blob": str | None}                # tensor stored at this key instead of inline
+     "blob": str | None}                # "graft:blob:{req_id}": the tensor's bytes are stored there
 
     {"v": 1, "kind": "reply", "req_id": str, "ok": bool,
      "tensor": {...} | None,                                     # when ok
@@ -17,8 +17,16 @@ Every stream entry has one field, ``m`` (see ``common.keys.FIELD``), holding ``p
 
     {"v": 1, "kind": "plan", "plan": {...}}                       # the plan file's JSON shape
 
+A request tensor travels either *inline* (``blob`` nil, ``tensor.data`` the raw C-order bytes) or as a
+*blob* (``blob`` set, ``tensor`` carries only ``dtype`` and ``shape``, ``data`` nil or absent): the
+producer first ``SET``s the raw bytes at ``keys.blob(req_id)`` with a TTL (``PX``) of at least the
+request's budget plus a margin, then XADDs the request. The blob key must be exactly
+``keys.blob(req_id)`` (``Request.blob_meta`` holds the decoded metadata); the ingress checks the key
+holds ``prod(shape) * itemsize`` bytes, and the replica that answers the request deletes the key.
+
 Decoding never raises anything but ``InvalidRequest`` (or its ``BadTensor`` subclass) on bad input,
-and decoded tensors own their memory (a copy), so an in-place first block cannot corrupt a buffer.
+and decoded tensors own their memory (a copy), so an in-place first block cannot corrupt a buffer;
+``decode_blob`` copies blob bytes the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
+from common import keys
 from common.errors import BadTensor, ErrorCode, GraftError, InvalidRequest
 
 VERSION = 1
@@ -46,6 +55,26 @@ DTYPES: dict[str, np.dtype[Any]] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class TensorMeta:
+    """A tensor's dtype and shape without its bytes: what a blob request carries in its envelope."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """The length the tensor's raw bytes must have."""
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+    @classmethod
+    def of(cls, arr: npt.NDArray[Any]) -> TensorMeta:
+        return cls(arr.dtype.name, tuple(int(d) for d in arr.shape))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "shape": list(self.shape), "data": None}
+
+
 @dataclass(slots=True)
 class Request:
     req_id: str
@@ -58,7 +87,13 @@ class Request:
     device_ms: float | None = None
     deadline: float | None = None
     received: float | None = None
-    blob: str | None = None
+    blob: str | None = None  # keys.blob(req_id) when the tensor's bytes are stored there
+    blob_meta: TensorMeta | None = None  # dtype and shape of a blob tensor (from the envelope)
+
+    @property
+    def meta(self) -> TensorMeta | None:
+        """dtype and shape of the request's tensor, inline or blob."""
+        return TensorMeta.of(self.tensor) if self.tensor is not None else self.blob_meta
 
     def server_budget_ms(self) -> float | None:
         """The budget the server has: explicit ``budget_ms``, else ``slo_ms - device_ms``."""
@@ -100,36 +135,66 @@ class Reply:
 # ---------------------------------------------------------------------------------------------- tensors
 
 
-def encode_tensor(arr: npt.NDArray[Any]) -> dict[str, Any]:
+def tensor_bytes(arr: npt.NDArray[Any]) -> tuple[TensorMeta, bytes]:
+    """The metadata and raw C-order bytes of ``arr`` (what an inline tensor or a blob carries)."""
     a = arr if arr.flags.c_contiguous else np.array(arr, order="C")
     name = a.dtype.name
     if name not in DTYPES:
         raise BadTensor(f"dtype {name} is not supported on the wire", dtype=name)
     if a.nbytes > MAX_TENSOR_BYTES:
         raise BadTensor(f"tensor of {a.nbytes} bytes exceeds the limit of {MAX_TENSOR_BYTES}")
-    return {"dtype": name, "shape": list(a.shape), "data": a.tobytes()}
+    return TensorMeta.of(a), a.tobytes()
 
 
-def decode_tensor(obj: Any, max_bytes: int = MAX_TENSOR_BYTES) -> npt.NDArray[Any]:
-    """Decode ``{"dtype", "shape", "data"}`` into a fresh, writable array (never a view of ``data``)."""
+def encode_tensor(arr: npt.NDArray[Any]) -> dict[str, Any]:
+    meta, data = tensor_bytes(arr)
+    return {"dtype": meta.dtype, "shape": list(meta.shape), "data": data}
+
+
+def decode_meta(obj: Any, max_bytes: int = MAX_TENSOR_BYTES) -> TensorMeta:
+    """Decode and check the ``dtype`` and ``shape`` of a tensor map (``data`` is not looked at)."""
     if not isinstance(obj, dict):
         raise BadTensor("tensor must be a map with dtype, shape and data")
-    dtype_name, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
+    dtype_name, shape = obj.get("dtype"), obj.get("shape")
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise BadTensor(f"unsupported tensor dtype {dtype_name!r}", allowed=sorted(DTYPES))
     if not isinstance(shape, list | tuple) or len(shape) > MAX_NDIM:
         raise BadTensor(f"tensor shape must be a list of at most {MAX_NDIM} dimensions")
     if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 1 << 31 for d in shape):
         raise BadTensor("tensor dimensions must be non-negative integers")
+    meta = TensorMeta(dtype_name, tuple(shape))
+    if meta.nbytes > max_bytes:
+        raise BadTensor(f"tensor of {meta.nbytes} bytes exceeds the limit of {max_bytes}")
+    return meta
+
+
+def decode_tensor(obj: Any, max_bytes: int = MAX_TENSOR_BYTES) -> npt.NDArray[Any]:
+    """Decode ``{"dtype", "shape", "data"}`` into a fresh, writable array (never a view of ``data``)."""
+    meta = decode_meta(obj, max_bytes)
+    data = obj.get("data")
     if not isinstance(data, bytes | bytearray | memoryview):
         raise BadTensor("tensor data must be raw bytes")
-    dtype = DTYPES[dtype_name]
-    expected = math.prod(shape) * dtype.itemsize
-    if expected > max_bytes:
-        raise BadTensor(f"tensor of {expected} bytes exceeds the limit of {max_bytes}")
-    if len(data) != expected:
-        raise BadTensor(f"tensor data has {len(data)} bytes, shape {list(shape)} of {dtype_name} needs {expected}")
-    return np.frombuffer(bytes(data), dtype=dtype).reshape(shape).copy()
+    if len(data) != meta.nbytes:
+        raise BadTensor(f"tensor data has {len(data)} bytes, shape {list(meta.shape)} of {meta.dtype} "
+                        f"needs {meta.nbytes}")
+    return _array(meta, data)
+
+
+def decode_blob(meta: TensorMeta, data: Any, key: str = "blob") -> npt.NDArray[Any]:
+    """The tensor stored at a blob key, as a fresh, writable array; ``data`` is what GET returned."""
+    if data is None:
+        raise BadTensor(f"blob {key} does not exist (expired, deleted, or never written)", key=key)
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise BadTensor(f"blob {key} does not hold raw bytes", key=key)
+    if len(data) != meta.nbytes:
+        raise BadTensor(f"blob {key} holds {len(data)} bytes, shape {list(meta.shape)} of {meta.dtype} "
+                        f"needs {meta.nbytes}", key=key, expected=meta.nbytes, got=len(data))
+    return _array(meta, data)
+
+
+def _array(meta: TensorMeta, data: bytes | bytearray | memoryview) -> npt.NDArray[Any]:
+    # frombuffer is a read-only view of data; the copy owns its memory (an in-place block may write it).
+    return np.frombuffer(data, dtype=DTYPES[meta.dtype]).reshape(meta.shape).copy()
 
 
 # -------------------------------------------------------------------------------------------- envelopes
@@ -180,9 +245,16 @@ def _num(obj: dict[str, Any], key: str) -> float | None:
 
 
 def encode_request(req: Request) -> bytes:
+    """The request's envelope. With ``blob`` set the tensor travels as metadata only (``data`` nil): from
+    ``blob_meta``, else from ``tensor`` — whose bytes the producer stores at the blob key itself."""
+    if req.blob is None:
+        tensor = None if req.tensor is None else encode_tensor(req.tensor)
+    else:
+        meta = req.blob_meta if req.blob_meta is not None else req.meta
+        tensor = None if meta is None else meta.to_wire()
     obj: dict[str, Any] = {
         "v": VERSION, "kind": "request", "req_id": req.req_id, "client": req.client, "model": req.model,
-        "cut": req.cut, "tensor": None if req.tensor is None else encode_tensor(req.tensor),
+        "cut": req.cut, "tensor": tensor,
         "budget_ms": req.budget_ms, "slo_ms": req.slo_ms, "device_ms": req.device_ms,
         "deadline": req.deadline, "received": req.received, "blob": req.blob,
     }
@@ -206,6 +278,16 @@ def peek_ids(raw: Any) -> tuple[str | None, str | None]:
     return (rid if _short_str(rid) else None), (client if _short_str(client) else None)
 
 
+def peek_blob(raw: Any) -> bool:
+    """Best effort: does a message that failed to decode name a blob (so its owner's blob can be freed)?"""
+    try:
+        obj = msgpack.unpackb(raw, raw=False, max_bin_len=0, max_str_len=1024, max_array_len=64,
+                              max_map_len=64, max_ext_len=0)
+    except Exception:
+        return False  # blob envelopes carry no bin; one that does is inline (or garbage)
+    return isinstance(obj, dict) and obj.get("blob") is not None
+
+
 def _short_str(s: Any) -> bool:
     return isinstance(s, str) and 0 < len(s) <= MAX_STR
 
@@ -220,16 +302,29 @@ def decode_request(raw: Any, max_tensor_bytes: int = MAX_TENSOR_BYTES) -> Reques
     cut = obj.get("cut")
     if not isinstance(cut, int) or isinstance(cut, bool):
         raise InvalidRequest("field 'cut' must be an integer")
+    assert req_id is not None and client is not None and model is not None
     blob = _str(obj, "blob", required=False)
     t = obj.get("tensor")
-    if t is None and blob is None:
-        raise BadTensor("request carries neither a tensor nor a blob key")
-    tensor = None if t is None else decode_tensor(t, max_tensor_bytes)
-    assert req_id is not None and client is not None and model is not None
+    tensor: npt.NDArray[Any] | None = None
+    meta: TensorMeta | None = None
+    if blob is None:
+        if t is None:
+            raise BadTensor("request carries neither a tensor nor a blob key")
+        tensor = decode_tensor(t, max_tensor_bytes)
+    else:
+        want = keys.blob(req_id)
+        if blob != want:
+            raise BadTensor(f"blob key must be {want!r} (keys.blob of the req_id), got {blob!r}",
+                            expected=want, got=blob)
+        if not isinstance(t, dict):
+            raise BadTensor("a blob request must carry the tensor's dtype and shape in 'tensor'")
+        if t.get("data") is not None:
+            raise BadTensor("request carries both inline tensor data and a blob key")
+        meta = decode_meta(t, max_tensor_bytes)
     return Request(
         req_id=req_id, client=client, model=model, cut=cut, tensor=tensor,
         budget_ms=_num(obj, "budget_ms"), slo_ms=_num(obj, "slo_ms"), device_ms=_num(obj, "device_ms"),
-        deadline=_num(obj, "deadline"), received=_num(obj, "received"), blob=blob,
+        deadline=_num(obj, "deadline"), received=_num(obj, "received"), blob=blob, blob_meta=meta,
     )
 
 

@@ -39,16 +39,27 @@ def one_group_plan(n_blocks: int) -> dict[str, Any]:
 
 
 async def fake_worker(r: Redis, stop: asyncio.Event) -> None:
-    """Answers each request with ``[sum(tensor), cut]``; req_id prefixes pick an error or silence."""
+    """Answers each request with ``[sum(tensor), cut]``; req_id prefixes pick an error or silence.
+
+    Like a replica, it GETs the blobs of what it read in one pipeline and deletes them with the replies.
+    """
     stream = keys.group_stream(1, "all")
     await ensure_group(r, stream, keys.WORKER_GROUP, "0")
     sender = ReplySender(r)
     while not stop.is_set():
         resp = await r.xreadgroup(keys.WORKER_GROUP, "fake-0", {stream: ">"}, count=64, block=20)
         rows = [row for _, rows in resp or [] for row in rows]
+        reqs = [wire.decode_request(fields[keys.FIELD]) for _, fields in rows]
+        blobbed = [req for req in reqs if req.blob is not None]
+        if blobbed:
+            async with r.pipeline(transaction=False) as pipe:
+                for req in blobbed:
+                    pipe.get(req.blob)
+                for req, data in zip(blobbed, await pipe.execute(), strict=True):
+                    assert req.blob is not None and req.blob_meta is not None
+                    req.tensor = wire.decode_blob(req.blob_meta, data, req.blob)
         out: list[tuple[str, wire.Reply]] = []
-        for _, fields in rows:
-            req = wire.decode_request(fields[keys.FIELD])
+        for req in reqs:
             assert req.tensor is not None and req.deadline is not None
             if req.req_id.startswith("silent"):
                 continue
@@ -63,6 +74,8 @@ async def fake_worker(r: Redis, stop: asyncio.Event) -> None:
         await sender.send_many(out)
         if rows:
             await r.xack(stream, keys.WORKER_GROUP, *[i for i, _ in rows])
+        if blobbed:
+            await r.delete(*(req.blob for req in blobbed if req.blob is not None))
 
 
 async def running_system(redis: Redis, settings: Settings) -> AsyncIterator[None]:
@@ -159,6 +172,53 @@ async def test_close_fails_waiting_submits(system: None, redis_url: str) -> None
         await waiting
 
 
+async def sent_requests(r: Redis) -> dict[str, wire.Request]:
+    """Every request the SDK XADDed to the ingress stream (acked entries stay until trimmed)."""
+    return {(req := wire.decode_request(f[keys.FIELD])).req_id: req for _, f in await r.xrange(keys.INGRESS)}
+
+
+async def test_large_tensors_travel_as_blobs_and_small_ones_inline(system: None, redis: Redis,
+                                                                   redis_url: str) -> None:
+    big = np.full(SHAPE, 0.5, np.float32)  # 16 KiB
+    small = np.full(describe("resnet18", RES).cut_shape(9), 2.0, np.float32)  # 4 KiB
+    async with GraftClient(redis_url, client_id="blobby", blob_threshold_bytes=8 * 1024,
+                           default_timeout_s=5.0) as c:
+        ys = await asyncio.gather(
+            *(c.submit("resnet18", 4, big * (i + 1), budget_ms=300.0, req_id=f"big-{i}") for i in range(5)),
+            c.submit("resnet18", 9, small, slo_ms=400.0, device_ms=100.0, req_id="small"))
+    assert [float(y[0]) for y in ys] == pytest.approx([float((big * (i + 1)).sum()) for i in range(5)]
+                                                      + [float(small.sum())])
+    assert [float(y[1]) for y in ys] == [4.0] * 5 + [9.0]
+    sent = await sent_requests(redis)
+    for i in range(5):
+        req = sent[f"big-{i}"]
+        assert req.tensor is None and req.blob == keys.blob(f"big-{i}")
+        assert req.blob_meta == wire.TensorMeta("float32", tuple(SHAPE))
+    assert sent["small"].blob is None and sent["small"].tensor is not None
+    for _ in range(100):  # each deleted by the worker, right after its reply
+        if not [k async for k in redis.scan_iter(match=keys.blob("*"))]:
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("blobs left behind after their replies")
+
+
+async def test_blob_ttl_covers_the_budget_and_the_threshold_can_be_off(system: None, redis: Redis,
+                                                                       redis_url: str) -> None:
+    x = np.zeros(SHAPE, np.float32)
+    c = GraftClient(redis_url, client_id="ttl", blob_threshold_bytes=1024, blob_ttl_margin_ms=700.0)
+    out = c._outgoing(wire.Request("r1", "ttl", "resnet18", 4, x, slo_ms=400.0, device_ms=150.0))
+    assert out.blob == keys.blob("r1") and out.ttl_ms == 250 + 700 and out.data == x.tobytes()
+    assert wire.decode_request(out.payload).blob_meta == wire.TensorMeta("float32", tuple(SHAPE))
+    assert c._outgoing(wire.Request("r2", "ttl", "resnet18", 12, x[:8, :1, :1].copy(), budget_ms=9.0)).blob is None
+    with pytest.raises(ValueError, match="negative"):
+        GraftClient(redis_url, blob_threshold_bytes=-1)
+    async with GraftClient(redis_url, client_id="inline", blob_threshold_bytes=0, default_timeout_s=5.0) as off:
+        y = await off.submit("resnet18", 4, x + 1, budget_ms=300.0, req_id="off-1")
+    assert y[0] == pytest.approx(float(np.prod(SHAPE)))
+    assert (await sent_requests(redis))["off-1"].blob is None
+
+
 def readme_snippet() -> str:
     doc = common.client.__doc__ or ""
     block = doc.split("Used from a plain script::", 1)[1].split("One background task", 1)[0]
@@ -177,7 +237,8 @@ async def full_size_system(redis: Redis, redis_url: str) -> AsyncIterator[None]:
         yield
 
 
-async def test_readme_snippet_runs_as_a_plain_script(full_size_system: None, redis_url: str, tmp_path: Path) -> None:
+async def test_readme_snippet_runs_as_a_plain_script(full_size_system: None, redis: Redis, redis_url: str,
+                                                      tmp_path: Path) -> None:
     script = tmp_path / "snippet.py"
     script.write_text(readme_snippet())
     env = {**os.environ, "REDIS_URL": redis_url}
@@ -189,3 +250,7 @@ async def test_readme_snippet_runs_as_a_plain_script(full_size_system: None, red
     )
     assert proc.returncode == 0, proc.stderr
     assert re.fullmatch(r"class \d+\n", proc.stdout)
+    # A 3x224x224 float32 input is 588 KiB: over the default threshold, it went as a blob.
+    (req,) = (await sent_requests(redis)).values()
+    assert req.tensor is None and req.blob is not None and req.blob_meta is not None
+    assert req.blob_meta.nbytes == 3 * 224 * 224 * 4

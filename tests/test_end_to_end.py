@@ -100,6 +100,23 @@ async def test_results_equal_local_execution_for_several_models_and_cuts(
     assert any((rep.batch or 0) > 1 for rep in replies), "concurrent requests were batched"
 
 
+async def test_blob_tensors_give_the_same_results_and_leave_no_blob(
+        system: Agent, redis: Any, redis_url: str, blocks: dict[str, list[torch.nn.Module]]) -> None:
+    rng = np.random.default_rng(11)
+    cases = [(m, c, rng.standard_normal((3, RES, RES)).astype(np.float32)) for m in MODELS for c in CUTS[m]]
+    # Every tensor above 1 byte goes to graft:blob:{req_id}; the replica processes fetch and delete them.
+    async with GraftClient(redis_url, client_id="e2e-blob", default_timeout_s=30.0, blob_threshold_bytes=1) as client:
+        replies = await asyncio.gather(*(
+            client.submit_reply(m, c, run_blocks(blocks[m], x, 0, c), budget_ms=20_000.0) for m, c, x in cases))
+    for (m, c, x), rep in zip(cases, replies, strict=True):
+        assert rep.ok and rep.tensor is not None, (m, c, rep.error)
+        np.testing.assert_allclose(rep.tensor, run_blocks(blocks[m], x, 0, len(blocks[m])), rtol=1e-4, atol=1e-5)
+    deadline = time.monotonic() + 5
+    while [k async for k in redis.scan_iter(match=keys.blob("*"))]:
+        assert time.monotonic() < deadline, "blobs left behind after their replies"
+        await asyncio.sleep(0.05)
+
+
 async def test_plan_switch_under_load_loses_no_reply(
         system: Agent, redis: Any, redis_url: str, blocks: dict[str, list[torch.nn.Module]]) -> None:
     inputs = {(m, c): run_blocks(blocks[m], np.full((3, RES, RES), 0.1, np.float32), 0, c)

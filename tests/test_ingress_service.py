@@ -150,6 +150,56 @@ async def test_each_bad_input_gets_its_error_code(redis: Redis, ingress: Ingress
     assert fine.req_id == "fine"
 
 
+def blob_request(req_id: str, cut: int = 2, *, key: str | None = None, shape: tuple[int, ...] | None = None,
+                 **kw: Any) -> bytes:
+    """A blob request's envelope (metadata only); the caller SETs the blob."""
+    meta = wire.TensorMeta("float32", shape or INFO.cut_shape(cut))
+    fields: dict[str, Any] = {"req_id": req_id, "client": "cli", "model": "resnet18", "cut": cut, "tensor": None,
+                              "budget_ms": 500.0, "blob": key or keys.blob(req_id), "blob_meta": meta}
+    fields.update(kw)
+    return wire.encode_request(wire.Request(**fields))
+
+
+def blob_bytes(cut: int = 2, value: float = 0.5) -> bytes:
+    return np.full(INFO.cut_shape(cut), value, np.float32).tobytes()
+
+
+async def test_blob_requests_are_checked_in_one_round_trip_and_refused_blobs_deleted(
+        redis: Redis, ingress: IngressService) -> None:
+    data = blob_bytes()
+    await redis.set(keys.blob("good"), data, px=60_000)
+    await redis.set(keys.blob("short"), data[:-8], px=60_000)
+    await redis.set(keys.blob("not-ours"), data, px=60_000)  # another request's blob, named by "thief"
+    await redis.set(keys.blob("thief"), data, px=60_000)
+    await redis.set(keys.blob("cut"), data, px=60_000)  # a valid blob, refused for its cut
+    await redis.config_resetstat()
+    await send(redis, blob_request("good"), blob_request("missing"), blob_request("short"),
+               blob_request("thief", key=keys.blob("not-ours")), blob_request("cut", cut=N + 3, shape=INFO.cut_shape(2)),
+               request("inline"))
+    got = await replies(redis, "cli", 4)
+    assert {rid: rep.error.code for rid, rep in got.items() if rep.error} == {
+        "missing": "BAD_TENSOR", "short": "BAD_TENSOR", "thief": "BAD_TENSOR", "cut": "BAD_CUT"}
+    missing, short, thief = (got[r].error for r in ("missing", "short", "thief"))
+    assert missing is not None and "does not exist" in missing.message
+    assert short is not None and short.details == {"key": keys.blob("short"), "expected": len(data),
+                                                  "got": len(data) - 8}
+    assert thief is not None and keys.blob("thief") in thief.message
+    routed = await group_entries(redis, keys.group_stream(1, "g0"), 2)
+    assert [r.req_id for r in routed] == ["good", "inline"]
+    good = routed[0]
+    assert good.tensor is None and good.blob == keys.blob("good") and good.deadline is not None
+    assert good.blob_meta == wire.TensorMeta("float32", INFO.cut_shape(2))
+    # A refused request's own blob is gone; a key it merely named is not its to delete.
+    assert not await redis.exists(keys.blob("short"), keys.blob("cut"), keys.blob("thief"))
+    assert await redis.get(keys.blob("not-ours")) == data
+    # The routed blob stays for the worker, its TTL now tied to the deadline: budget + margin.
+    assert await redis.get(keys.blob("good")) == data
+    assert 0 < await redis.pttl(keys.blob("good")) <= 500 + ingress.blob_margin_ms
+    # One STRLEN per blob request that passed the other checks; the inline one cost none.
+    stats = await redis.info("commandstats")
+    assert stats["cmdstat_strlen"]["calls"] == 3
+
+
 async def test_overloaded_when_backlog_exceeds_budget(redis: Redis, ingress: IngressService) -> None:
     stream = keys.group_stream(1, "g1")
     # 30 entries a worker never took, at 10 req/s: ~3 s of wait, far beyond a 500 ms budget.

@@ -8,11 +8,12 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+from redis.exceptions import ResponseError
 
-from common import wire
+from common import keys, wire
 from common.errors import BadCut, BadTensor, ErrorCode, GraftError, InvalidRequest, UnknownModel
 from common.models import describe
-from services.ingress.validate import Limits, ModelCatalog, Validator, answerable_ids, sane_id
+from services.ingress.validate import Limits, ModelCatalog, Validator, answerable_ids, blob_error, sane_id
 
 RES = 32
 INFO = describe("resnet18", RES)
@@ -104,9 +105,48 @@ def test_tensor_bytes_that_disagree_with_shape_is_bad_tensor(validator: Validato
     assert code_of(validator, msgpack.packb(obj, use_bin_type=True)) is ErrorCode.BAD_TENSOR
 
 
-def test_blob_reference_is_bad_tensor(validator: Validator) -> None:
-    raw = wire.encode_request(request(tensor=None, blob="graft:blob:r-1"))
-    assert code_of(validator, raw) is ErrorCode.BAD_TENSOR
+def blob_request(cut: int = 3, shape: tuple[int, ...] | None = None, **kw: Any) -> wire.Request:
+    meta = wire.TensorMeta("float32", shape or INFO.cut_shape(cut))
+    return request(cut, tensor=None, blob=keys.blob("r-1"), blob_meta=meta, **kw)
+
+
+def test_valid_blob_request_passes_on_its_metadata(validator: Validator) -> None:
+    req = validator.check(wire.encode_request(blob_request(5)))
+    assert req.tensor is None and req.blob == "graft:blob:r-1" and req.budget_ms == 50.0
+    assert req.blob_meta is not None and req.blob_meta.shape == INFO.cut_shape(5)
+
+
+def test_blob_metadata_follows_the_tensor_rules(validator: Validator) -> None:
+    with pytest.raises(BadTensor) as info:
+        validator.check(wire.encode_request(blob_request(3, shape=(1, *INFO.cut_shape(3)))))
+    assert info.value.details == {"expected": list(INFO.cut_shape(3)), "got": [1, *INFO.cut_shape(3)]}
+    f16 = request(tensor=None, blob=keys.blob("r-1"), blob_meta=wire.TensorMeta("float16", INFO.cut_shape(3)))
+    with pytest.raises(BadTensor, match="float32"):
+        validator.check(wire.encode_request(f16))
+    small = Validator(validator.catalog, Limits(max_tensor_bytes=1024, max_slo_ms=10_000.0))
+    assert code_of(small, wire.encode_request(blob_request(0))) is ErrorCode.INVALID_REQUEST
+    assert code_of(validator, wire.encode_request(blob_request(budget_ms=None))) is ErrorCode.INVALID_REQUEST
+
+
+def test_blob_under_another_key_is_bad_tensor(validator: Validator) -> None:
+    raw = wire.encode_request(request(tensor=None, blob="graft:blob:r-2",
+                                      blob_meta=wire.TensorMeta("float32", INFO.cut_shape(3))))
+    with pytest.raises(BadTensor, match="graft:blob:r-1"):
+        validator.check(raw)
+    assert answerable_ids(raw) == ("r-1", "c-1")
+
+
+def test_blob_error_judges_the_blob_length(validator: Validator) -> None:
+    req = validator.check(wire.encode_request(blob_request(3)))
+    want = 4 * math.prod(INFO.cut_shape(3))
+    assert blob_error(req, want) is None
+    missing = blob_error(req, 0)
+    assert missing is not None and missing.code is ErrorCode.BAD_TENSOR and "does not exist" in missing.message
+    short = blob_error(req, want - 4)
+    assert short is not None and short.details == {"key": "graft:blob:r-1", "expected": want, "got": want - 4}
+    assert f"holds {want - 4} bytes" in short.message and str(want) in short.message
+    wrong_type = blob_error(req, ResponseError("WRONGTYPE Operation against a key holding the wrong kind"))
+    assert wrong_type is not None and "not a string" in wrong_type.message
 
 
 @pytest.mark.parametrize("budget", [

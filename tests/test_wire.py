@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from common import wire
+from common import keys, wire
 from common.errors import BadTensor, ErrorCode, InvalidRequest, Overloaded, error_for_code
 
 DTYPES = ["float32", "float16", "float64", "int64", "int32", "uint8"]
@@ -143,3 +143,71 @@ def test_plan_and_message_envelopes() -> None:
     assert wire.decode_message(wire.encode_message("stats", {"x": 1}), "stats")["x"] == 1
     with pytest.raises(InvalidRequest):
         wire.decode_message(wire.encode_message("stats", {}), "control")
+
+
+# ------------------------------------------------------------------------------------------------ blobs
+
+
+def test_blob_request_round_trip_carries_metadata_only() -> None:
+    arr = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    req = wire.Request("r-9", "c", "m", 3, arr, budget_ms=50.0, blob=keys.blob("r-9"))
+    raw = wire.encode_request(req)
+    obj = msgpack.unpackb(raw)
+    assert obj["blob"] == "graft:blob:r-9"
+    assert obj["tensor"] == {"dtype": "float32", "shape": [2, 3, 4], "data": None}
+    assert len(raw) < 200  # the bytes are not in the envelope
+    back = wire.decode_request(raw)
+    assert back.tensor is None and back.blob == keys.blob("r-9")
+    assert back.blob_meta == wire.TensorMeta("float32", (2, 3, 4)) and back.meta == back.blob_meta
+    assert back.blob_meta.nbytes == arr.nbytes
+    # The ingress re-encodes the decoded request for the group stream: the metadata survives.
+    assert wire.decode_request(wire.encode_request(back)).blob_meta == back.blob_meta
+    meta, data = wire.tensor_bytes(arr)
+    assert meta == back.blob_meta and data == arr.tobytes()
+
+
+def test_decoded_blob_is_a_writable_copy() -> None:
+    arr = np.arange(6, dtype=np.float32).reshape(2, 3)
+    buf = bytearray(arr.tobytes())
+    out = wire.decode_blob(wire.TensorMeta.of(arr), buf, "graft:blob:x")
+    np.testing.assert_array_equal(out, arr)
+    assert out.flags.writeable and out.flags.owndata
+    buf[:4] = b"\xff" * 4
+    out += 1  # neither writes into nor reads from the received buffer
+    assert out[0, 0] == 1.0 and bytes(buf[4:8]) == arr.tobytes()[4:8]
+
+
+def test_bad_blobs_name_the_problem() -> None:
+    meta = wire.TensorMeta("float32", (2, 3))
+    with pytest.raises(BadTensor, match="does not exist"):
+        wire.decode_blob(meta, None, "graft:blob:x")
+    with pytest.raises(BadTensor, match="holds 20 bytes") as short:
+        wire.decode_blob(meta, b"\0" * 20, "graft:blob:x")
+    assert short.value.details == {"key": "graft:blob:x", "expected": 24, "got": 20}
+    with pytest.raises(BadTensor, match="raw bytes"):
+        wire.decode_blob(meta, 42, "graft:blob:x")
+
+
+@pytest.mark.parametrize(("over", "needle"), [
+    ({"blob": "graft:blob:other"}, "blob key must be 'graft:blob:r'"),
+    ({"blob": "secret:key"}, "blob key must be"),
+    ({"blob": "graft:blob:r"}, "both inline tensor data and a blob"),
+    ({"blob": "graft:blob:r", "tensor": None}, "dtype and shape"),
+    ({"blob": "graft:blob:r", "tensor": {"dtype": "complex64", "shape": [2]}}, "dtype"),
+    ({"blob": "graft:blob:r", "tensor": {"dtype": "float32", "shape": [1 << 30]}}, "limit"),
+])
+def test_bad_blob_references_are_bad_tensor(over, needle) -> None:
+    with pytest.raises(BadTensor) as info:
+        wire.decode_request(_req(**over))
+    assert needle in str(info.value)
+
+
+def test_blob_metadata_without_data_field_is_accepted() -> None:
+    back = wire.decode_request(_req(blob="graft:blob:r", tensor={"dtype": "float32", "shape": [2]}))
+    assert back.tensor is None and back.blob_meta == wire.TensorMeta("float32", (2,))
+
+
+def test_peek_blob() -> None:
+    assert wire.peek_blob(_req(v=9, blob="graft:blob:r", tensor={"dtype": "float32", "shape": [2]}))
+    assert not wire.peek_blob(_req())  # inline
+    assert not wire.peek_blob(b"\xff\x00garbage")

@@ -85,6 +85,25 @@ def request(blocks: list[torch.nn.Module], req_id: str, cut: int, seed: int, *, 
     return wire.encode_request(req), run_blocks(blocks, x, 0, len(blocks))
 
 
+def blob_request(blocks: list[torch.nn.Module], req_id: str, cut: int, seed: int, *, budget_ms: float = 5000.0,
+                 age_s: float = 0.0) -> tuple[bytes, bytes, np.ndarray]:
+    """Like ``request``, with the tensor in a blob: the entry, the blob's bytes, the expected output."""
+    x = sample(seed)
+    received = time.time() - age_s
+    meta, data = wire.tensor_bytes(run_blocks(blocks, x, 0, cut))
+    req = wire.Request(req_id=req_id, client=CLIENT, model=MODEL, cut=cut, tensor=None, budget_ms=budget_ms,
+                       received=received, deadline=received + budget_ms / 1000.0, blob=keys.blob(req_id),
+                       blob_meta=meta)
+    return wire.encode_request(req), data, run_blocks(blocks, x, 0, len(blocks))
+
+
+async def put_blobs(r: Any, blobs: dict[str, bytes]) -> None:
+    async with r.pipeline(transaction=False) as pipe:
+        for req_id, data in blobs.items():
+            pipe.set(keys.blob(req_id), data, px=60_000)
+        await pipe.execute()
+
+
 async def put(r: Any, payloads: Sequence[bytes], epoch: int = 1) -> list[str]:
     """XADD atomically (MULTI), so a blocked replica reads the whole burst at once."""
     async with r.pipeline(transaction=True) as pipe:
@@ -188,6 +207,33 @@ def test_intake_rejects_what_the_runner_cannot_take(blocks: list[torch.nn.Module
     assert isinstance(garbage, Rejection) and garbage.req_id is None
 
 
+def test_intake_takes_blob_requests_on_metadata_and_attaches_a_copy(blocks: list[torch.nn.Module]) -> None:
+    spec = GroupSpec(GROUP, MODEL, (4, 8), 4, 1, 1, 20.0, 100.0, 1.0)
+    intake = Intake(describe(MODEL, RES), spec)
+    payload, data, _ = blob_request(blocks, "b", 8, 1)
+    job = intake.admit("1-0", payload)
+    assert isinstance(job, Job) and job.needs_blob and job.blob == keys.blob("b")
+    buf = bytearray(data)
+    attached = intake.attach(job, buf)
+    assert attached is job and not job.needs_blob and job.request.tensor is not None
+    t = job.request.tensor
+    assert t.shape == describe(MODEL, RES).cut_shape(8) and t.flags.owndata and t.flags.writeable
+    buf[:4] = b"\xff" * 4
+    assert t.reshape(-1)[0] == np.frombuffer(data[:4], np.float32)[0]  # a copy, not a view of the buffer
+    gone = intake.attach(intake.admit("2-0", payload), None)  # type: ignore[arg-type]
+    assert isinstance(gone, Rejection) and gone.error.code == ErrorCode.BAD_TENSOR and gone.blob == keys.blob("b")
+    short = intake.attach(intake.admit("3-0", payload), data[:-4])  # type: ignore[arg-type]
+    assert isinstance(short, Rejection) and short.error.details["got"] == len(data) - 4
+    late = intake.admit("4-0", blob_request(blocks, "late", 8, 1, budget_ms=10, age_s=1.0)[0])
+    assert isinstance(late, Job) and Intake.blob_expired(late, None, time.time())
+    assert not Intake.blob_expired(late, data, time.time()) and not Intake.blob_expired(job, None, time.time())
+    wrong, _, _ = blob_request(blocks, "w", 4, 1)  # cut 4's shape...
+    obj = wire.decode_request(wrong)
+    obj.cut = 8  # ...sent for cut 8
+    rej = intake.admit("5-0", wire.encode_request(obj))
+    assert isinstance(rej, Rejection) and rej.error.code == ErrorCode.BAD_TENSOR and rej.blob == keys.blob("w")
+
+
 class _Broken:
     def run_numpy(self, items: Sequence[tuple[int, Any]]) -> list[np.ndarray]:
         raise RuntimeError("device fell off the bus")
@@ -246,6 +292,76 @@ async def test_mixed_cuts_are_batched_realigned_and_exact(redis: Any, redis_url:
     assert replica.loop is not None and replica.loop.latency.samples >= 1
     group = next(g for g in await redis.xinfo_groups(keys.group_stream(1, GROUP)))
     assert group["pending"] == 0
+
+
+async def test_blob_requests_are_served_exactly_and_their_blobs_deleted(redis: Any, redis_url: str,
+                                                                        blocks: list[torch.nn.Module]) -> None:
+    await publish_plan(redis, plan())
+    async with running(redis_url) as (replica, _task):
+        fetches: list[int] = []
+        fetch = replica._fetch_blobs
+
+        async def counting(jobs: list[Job]) -> list[Any]:
+            fetches.append(len(jobs))
+            return await fetch(jobs)
+
+        replica._fetch_blobs = counting  # type: ignore[method-assign]
+        blobbed = [blob_request(blocks, f"b{i}", CUTS[i % 3], 60 + i) for i in range(6)]
+        inline = [request(blocks, f"i{i}", CUTS[i % 3], 70 + i) for i in range(4)]
+        await put_blobs(redis, {f"b{i}": data for i, (_, data, _) in enumerate(blobbed)})
+        await put(redis, [p for p, _, _ in blobbed] + [p for p, _ in inline])
+        got = await replies(redis, 10)
+    for rid, expected in [*((f"b{i}", e) for i, (_, _, e) in enumerate(blobbed)),
+                          *((f"i{i}", e) for i, (_, e) in enumerate(inline))]:
+        rep = got[rid]
+        assert rep.ok and rep.tensor is not None, (rid, rep.error)
+        np.testing.assert_allclose(rep.tensor, expected, rtol=1e-4, atol=1e-5)
+    assert sum(fetches) == 6 and len(fetches) < 6, f"blobs fetched per read, not per request: {fetches}"
+    assert not await redis.exists(*(keys.blob(f"b{i}") for i in range(6)))  # deleted with the replies
+    assert (await redis.xpending(keys.group_stream(1, GROUP), keys.WORKER_GROUP))["pending"] == 0
+
+
+async def test_gone_or_wrong_blobs_are_answered_and_cleaned_up(redis: Any, redis_url: str,
+                                                             blocks: list[torch.nn.Module]) -> None:
+    await publish_plan(redis, plan())
+    async with running(redis_url):
+        gone, _, _ = blob_request(blocks, "gone", 4, 1)  # never written (or deleted) before its deadline
+        late, _, _ = blob_request(blocks, "late", 4, 2, budget_ms=200, age_s=1.0)  # expired with the deadline
+        short, data, _ = blob_request(blocks, "short", 4, 3)
+        fine, fine_data, expected = blob_request(blocks, "fine", 8, 4)
+        await put_blobs(redis, {"short": data[:-4], "fine": fine_data})
+        await put(redis, [gone, late, short, fine])
+        got = await replies(redis, 4)
+    codes = {rid: rep.error.code if rep.error else "ok" for rid, rep in got.items()}
+    assert codes == {"gone": ErrorCode.BAD_TENSOR, "late": ErrorCode.DEADLINE_EXCEEDED,
+                     "short": ErrorCode.BAD_TENSOR, "fine": "ok"}
+    short_err = got["short"].error
+    assert short_err is not None and short_err.details["expected"] == len(data)
+    assert short_err.details["got"] == len(data) - 4
+    np.testing.assert_allclose(got["fine"].tensor, expected, rtol=1e-4, atol=1e-5)
+    assert not await redis.exists(keys.blob("short"), keys.blob("fine"))
+
+
+async def test_blob_entries_survive_a_crash_and_are_recovered(redis: Any, redis_url: str,
+                                                             blocks: list[torch.nn.Module]) -> None:
+    await publish_plan(redis, plan(batch=2))
+    stream = keys.group_stream(1, GROUP)
+    await ensure_group(redis, stream, keys.WORKER_GROUP)
+    work = [blob_request(blocks, f"c{i}", CUTS[i % 3], 80 + i) for i in range(4)]
+    await put_blobs(redis, {f"c{i}": data for i, (_, data, _) in enumerate(work)})
+    await put(redis, [p for p, _, _ in work])
+    # This replica's previous incarnation took two, a replica that is gone for good took the others.
+    await redis.xreadgroup(keys.WORKER_GROUP, "cpu0-g0-0", {stream: ">"}, count=2)
+    await redis.xreadgroup(keys.WORKER_GROUP, "cpu0-g0-7", {stream: ">"}, count=2)
+    assert await redis.exists(*(keys.blob(f"c{i}") for i in range(4))) == 4  # nobody deleted them early
+    async with running(redis_url, reap_idle_ms=300) as (replica, _task):
+        got = await replies(redis, 4)
+        assert replica.reclaimed == 2
+    for i, (_, _, expected) in enumerate(work):
+        assert got[f"c{i}"].ok, got[f"c{i}"].error
+        np.testing.assert_allclose(got[f"c{i}"].tensor, expected, rtol=1e-4, atol=1e-5)
+    assert not await redis.exists(*(keys.blob(f"c{i}") for i in range(4)))
+    assert (await redis.xpending(stream, keys.WORKER_GROUP))["pending"] == 0
 
 
 async def test_expired_and_hopeless_requests_get_deadline_exceeded(redis: Any, redis_url: str,

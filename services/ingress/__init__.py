@@ -18,7 +18,8 @@ msgpack map (the *envelope*). Python producers use ``common.client.GraftClient``
      "tensor": {"dtype": "float32", "shape": [C, H, W], "data": <bin: raw little-endian bytes, C order>},
      "budget_ms": float,   # server-side budget; or omit it (nil) and give
      "slo_ms": float,      #   the end-to-end SLO and
-     "device_ms": float}   #   the time already spent on the device: budget = slo_ms - device_ms
+     "device_ms": float,   #   the time already spent on the device: budget = slo_ms - device_ms
+     "blob": str | nil}    # nil: tensor inline; else the key holding the tensor's bytes (see below)
 
 Strings are msgpack ``str``, tensor data is msgpack ``bin``; absent optional fields may be nil. The
 tensor is ONE request's tensor, without a batch dimension: its shape must equal the shape the model
@@ -27,6 +28,23 @@ produces before block ``cut`` at the served resolution
 The budget must be finite, > 0 and at most ``GRAFT_MAX_SLO_MS``; the tensor at most
 ``GRAFT_MAX_TENSOR_BYTES``. ``deadline``/``received`` are set by the ingress; values you send are
 overwritten (``deadline = ingress receive time + budget_ms``, on the server's clock).
+
+**Large tensors as blobs.** Instead of inline bytes, a request may reference a *blob*, so the stream
+entry stays small (streams keep entries for up to ``GRAFT_MAX_SLO_MS``)::
+
+    SET graft:blob:{req_id} <raw little-endian bytes, C order> PX <budget_ms + margin>
+    XADD graft:ingress * m {..., "tensor": {"dtype": "float32", "shape": [C, H, W], "data": nil},
+                            "blob": "graft:blob:{req_id}"}
+
+in that order (one pipeline is fine: Redis runs it in order). The key must be exactly
+``graft:blob:{req_id}`` with the request's own ``req_id``; ``tensor`` carries dtype and shape with
+``data`` nil (or absent), and the same rules apply to them as to an inline tensor. The blob must hold
+exactly ``prod(shape) * 4`` bytes when the ingress reads the request, so its TTL must cover the wait
+in ``graft:ingress`` (the SDK uses budget + 5 s). Once it routes the request, the ingress sets the
+blob's TTL to ``budget_ms`` + 2 s from then (deadline-based, server clock); the replica that answers
+deletes it right after its reply, and a refused request's blob is deleted with the error reply. A
+blob that vanished before a replica read it is answered ``DEADLINE_EXCEEDED`` when the deadline has
+passed, else ``BAD_TENSOR``.
 
 2. Reading replies
 ------------------
@@ -51,7 +69,9 @@ INVALID_REQUEST    envelope not msgpack / wrong version / bad field, budget miss
 UNKNOWN_MODEL      model unknown or not served by the current plan
 BAD_CUT            cut outside ``0..N-1`` (or not served by the current plan)
 BAD_TENSOR         dtype not float32, shape differs from the cut's shape (``details.expected`` /
-                   ``details.got``), data length disagrees with the shape, blob references
+                   ``details.got``), data length disagrees with the shape, blob key other than
+                   ``graft:blob:{req_id}``, blob missing or of the wrong length (``details.key``,
+                   ``details.expected`` / ``details.got`` in bytes), both inline data and a blob
 DEADLINE_EXCEEDED  the request cannot finish within its budget (sent by workers)
 OVERLOADED         the group's backlog would make the request miss its budget; retry after
                    ``details.retry_after_ms`` milliseconds

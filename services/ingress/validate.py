@@ -5,6 +5,11 @@ A request is checked in the order a client would fix it: the envelope decodes (`
 by the current plan (``UNKNOWN_MODEL``), the cut exists (``BAD_CUT``), the tensor is float32 of the
 cut's per-request shape (``BAD_TENSOR``), the budget is sane (``INVALID_REQUEST``). A message that
 fails before its ids can be read has nobody to answer; ``answerable_ids`` tells the service so.
+
+A blob request (``blob`` = ``keys.blob(req_id)``, the tensor's dtype and shape in the envelope) passes
+the same rules on its metadata; whether the blob exists with exactly ``prod(shape) * 4`` bytes needs
+Redis, so the service asks (one pipelined STRLEN per blob request of a batch) and ``blob_error`` judges
+the answer.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from common.models import ModelInfo, describe
 ENVELOPE_SLACK_BYTES = 64 * 1024
 
 Describe = Callable[[str, int | None], ModelInfo]
+FLOAT32 = np.dtype(np.float32).name
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,26 +107,26 @@ class Validator:
         req = wire.decode_request(raw)
         if not sane_id(req.req_id) or not sane_id(req.client):
             raise InvalidRequest("req_id and client must be printable strings without whitespace")
-        if req.tensor is not None and req.tensor.nbytes > self.limits.max_tensor_bytes:
-            raise InvalidRequest(f"tensor of {req.tensor.nbytes} bytes exceeds the limit of "
-                                 f"{self.limits.max_tensor_bytes}", size=int(req.tensor.nbytes))
+        meta = req.meta
+        if meta is not None and meta.nbytes > self.limits.max_tensor_bytes:
+            raise InvalidRequest(f"tensor of {meta.nbytes} bytes exceeds the limit of "
+                                 f"{self.limits.max_tensor_bytes}", size=meta.nbytes)
         expected = self.catalog.cut_shape(req.model, req.cut)  # UNKNOWN_MODEL, BAD_CUT
         self._check_tensor(req, expected)
         req.budget_ms = self._budget(req)
         return req
 
     def _check_tensor(self, req: wire.Request, expected: tuple[int, ...]) -> None:
-        t = req.tensor
-        if t is None:
-            raise BadTensor("this ingress accepts inline tensors only (blob references are not supported)")
-        if t.dtype != np.float32:
-            raise BadTensor(f"tensor dtype must be float32, got {t.dtype.name}",
-                            expected="float32", got=t.dtype.name)
-        if t.shape != expected:
+        meta = req.meta
+        if meta is None:  # decode_request never leaves both out
+            raise BadTensor("request carries neither a tensor nor a blob key")
+        if meta.dtype != FLOAT32:
+            raise BadTensor(f"tensor dtype must be float32, got {meta.dtype}", expected=FLOAT32, got=meta.dtype)
+        if meta.shape != expected:
             raise BadTensor(
                 f"{req.model} at cut {req.cut} expects a per-request tensor of shape {list(expected)} "
-                f"(no batch dimension), got {list(t.shape)}",
-                expected=list(expected), got=list(t.shape),
+                f"(no batch dimension), got {list(meta.shape)}",
+                expected=list(expected), got=list(meta.shape),
             )
 
     def _budget(self, req: wire.Request) -> float:
@@ -138,3 +144,22 @@ class Validator:
             raise InvalidRequest(f"server budget of {budget:g} ms exceeds the limit of "
                                  f"{self.limits.max_slo_ms:g} ms", budget_ms=budget)
         return budget
+
+
+def blob_error(req: wire.Request, strlen: object) -> BadTensor | None:
+    """The error of a blob request given what ``STRLEN`` of its key answered (None: the blob is fine).
+
+    STRLEN answers 0 for a missing key, an error for a key that is not a string.
+    """
+    assert req.blob is not None and req.blob_meta is not None
+    want = req.blob_meta.nbytes
+    if not isinstance(strlen, int):  # WRONGTYPE
+        return BadTensor(f"blob {req.blob} is not a string of raw tensor bytes", key=req.blob)
+    got = strlen
+    if got == want:
+        return None
+    if got == 0:
+        return BadTensor(f"blob {req.blob} does not exist (expired, or never written: SET it before the XADD)",
+                         key=req.blob)
+    return BadTensor(f"blob {req.blob} holds {got} bytes, shape {list(req.blob_meta.shape)} of "
+                     f"{req.blob_meta.dtype} needs {want}", key=req.blob, expected=want, got=got)

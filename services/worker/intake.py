@@ -4,6 +4,15 @@ The ingress already validated every request, but a replica trusts nothing it rea
 written by hand, by an older ingress, or be garbage. A bad entry becomes a ``Rejection`` carrying the
 ids to answer it with (from the envelope when it decodes, else ``wire.peek_ids``); one whose ids cannot
 be read has nobody to answer and is dead-lettered instead. Nothing here touches Redis.
+
+A blob request (its tensor's bytes at ``keys.blob(req_id)``) is checked on its metadata by ``admit``
+and becomes a job without a tensor (``Job.blob``); the replica GETs the blobs of everything it read in
+one pipelined round trip and hands each job its bytes with ``attach``, which decodes them into a copy.
+A blob that is gone by then is answered ``DEADLINE_EXCEEDED`` when the request's deadline has passed
+(the blob's TTL runs out with the deadline: the request was late, as it would have been inline), and
+``BAD_TENSOR`` while the deadline is still ahead (the producer's TTL did not cover its budget, or the
+key was deleted: a client fault a retry would repeat). The blob is left in place until the reply is
+sent, so a replica that crashes, or a reaper that reclaims the entry, can read it again.
 """
 
 from __future__ import annotations
@@ -47,6 +56,16 @@ class Job:
     def deadline(self) -> float:
         return self.pending.deadline
 
+    @property
+    def blob(self) -> str | None:
+        """The blob key holding this request's tensor (delete it once answered), or None when inline."""
+        return self.request.blob
+
+    @property
+    def needs_blob(self) -> bool:
+        """A blob request whose tensor has not been fetched yet."""
+        return self.request.tensor is None
+
 
 @dataclass(slots=True)
 class Rejection:
@@ -56,6 +75,7 @@ class Rejection:
     client: str | None
     received: float
     payload: bytes | None = None
+    blob: str | None = None  # the request's blob key, to delete with the reply
 
 
 class Intake:
@@ -77,16 +97,31 @@ class Intake:
             req_id, client = wire.peek_ids(payload) if payload is not None else (None, None)
             return Rejection(entry_id, exc, req_id, client, now, payload)
         try:
-            tensor = self._check(req)
+            req.tensor = self._check(req)
         except GraftError as exc:
-            return Rejection(entry_id, exc, req.req_id, req.client, req.received or now, payload)
-        req.tensor = tensor
+            return Rejection(entry_id, exc, req.req_id, req.client, req.received or now, payload, req.blob)
         received = req.received if req.received is not None else now
         # An entry without a deadline did not come through an ingress; the largest budget bounds it.
         deadline = req.deadline if req.deadline is not None else received + self.max_budget_s
         return Job(entry_id, req, Pending(entry_id, req.cut, deadline, received), received, deliveries, now)
 
-    def _check(self, req: wire.Request) -> np.ndarray:
+    @staticmethod
+    def blob_expired(job: Job, data: object, now: float) -> bool:
+        """The blob is gone and so is the deadline: answer ``DEADLINE_EXCEEDED`` like any late request."""
+        return data is None and job.deadline <= now
+
+    def attach(self, job: Job, data: object) -> Job | Rejection:
+        """Give a blob job the tensor decoded (a copy) from ``data``, what GET of its blob answered;
+        a missing or malformed blob is ``BAD_TENSOR`` (check ``blob_expired`` first)."""
+        req = job.request
+        assert req.blob is not None and req.blob_meta is not None
+        try:
+            req.tensor = self._shape(req, wire.decode_blob(req.blob_meta, data, req.blob))
+        except GraftError as exc:
+            return Rejection(job.entry_id, exc, req.req_id, req.client, job.received, None, req.blob)
+        return job
+
+    def _check(self, req: wire.Request) -> np.ndarray | None:
         if req.model != self.spec.model:
             raise InvalidRequest(f"request for {req.model!r} reached group {self.spec.id} of {self.spec.model!r}",
                                  model=req.model, group=self.spec.id)
@@ -96,11 +131,23 @@ class Intake:
                          model=req.model, cut=req.cut)
         t = req.tensor
         if t is None:
-            raise BadTensor("workers take inline tensors only (blob references are not supported)")
+            meta = req.blob_meta
+            assert meta is not None, "decode_request leaves no request without a tensor or blob metadata"
+            self._check_meta(req, meta.dtype, meta.shape)
+            return None  # fetched from the blob, then checked again by attach
+        return self._shape(req, t)
+
+    def _shape(self, req: wire.Request, t: np.ndarray) -> np.ndarray:
         want = self.info.cut_shape(req.cut)
         if t.ndim == len(want) + 1 and t.shape[0] == 1:
             t = t[0]
-        if t.dtype != np.float32 or tuple(t.shape) != want:
-            raise BadTensor(f"{req.model} at cut {req.cut} takes float32 {list(want)}, "
-                            f"got {t.dtype.name} {list(t.shape)}", expected=list(want), got=list(t.shape))
+        self._check_meta(req, t.dtype.name, tuple(t.shape))
         return t
+
+    def _check_meta(self, req: wire.Request, dtype: str, shape: tuple[int, ...]) -> None:
+        want = self.info.cut_shape(req.cut)
+        if len(shape) == len(want) + 1 and shape[0] == 1:
+            shape = shape[1:]
+        if dtype != np.dtype(np.float32).name or tuple(shape) != want:
+            raise BadTensor(f"{req.model} at cut {req.cut} takes float32 {list(want)}, "
+                            f"got {dtype} {list(shape)}", expected=list(want), got=list(shape))

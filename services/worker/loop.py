@@ -7,8 +7,8 @@ batch runs at a time (a replica is one share of one device), in a thread, so the
 reading, reaping and heartbeating meanwhile. Every measured batch corrects the latency model, and the
 policy is rebuilt from it (the policy caches single-request latencies, which must follow the model).
 
-Replies leave through ``sink``: the replica sends a batch's replies and XACKs its entries in one
-pipelined round trip. The loop never talks to Redis itself, so it runs against a list in unit tests.
+Replies leave through ``sink``: the replica sends a batch's replies, XACKs its entries and deletes the
+blobs of blob requests in one pipelined round trip. The loop never talks to Redis itself, so it runs against a list in unit tests.
 """
 
 from __future__ import annotations
@@ -46,11 +46,12 @@ class Runner(Protocol):
 
 @dataclass(slots=True)
 class Done:
-    """One answered entry: ack ``entry_id``; reply to ``client`` (None: nobody to answer)."""
+    """One answered entry: ack ``entry_id``; reply to ``client`` (None: nobody to answer); delete ``blob``."""
 
     entry_id: str
     client: str | None
     reply: wire.Reply
+    blob: str | None = None
 
 
 Sink = Callable[[list[Done]], Awaitable[None]]
@@ -176,7 +177,7 @@ class BatchLoop:
             late_ms = round((now - job.deadline) * 1000.0, 3)
             exc = DeadlineExceeded(f"request cannot finish before its deadline (late by {max(late_ms, 0.0)} ms "
                                    f"or too little time left to run)", late_ms=late_ms)
-            done.append(Done(job.entry_id, job.client, self._failure(job, exc, now, None)))
+            done.append(Done(job.entry_id, job.client, self._failure(job, exc, now, None), job.blob))
             log.info(Event.DEADLINE_EXCEEDED, req_id=job.req_id, cut=job.pending.cut, late_ms=late_ms)
         self.expired += len(done)
         SLO.labels(group=self.group, met="false").inc(len(done))
@@ -211,7 +212,7 @@ class BatchLoop:
             now = time.time()
             SLO.labels(group=self.group, met="false").inc(n)
             try:
-                await self.sink([Done(j.entry_id, j.client, self._failure(j, err, now, n)) for j in jobs])
+                await self.sink([Done(j.entry_id, j.client, self._failure(j, err, now, n), j.blob) for j in jobs])
             finally:
                 self._release(jobs)
             return
@@ -222,7 +223,7 @@ class BatchLoop:
         compute_ms = compute_s * 1000.0
         done = [Done(j.entry_id, j.client, wire.Reply.result(
             j.req_id, out, server_ms=(now - j.received) * 1000.0, epoch=self.epoch, group=self.group, batch=n,
-            timings=self._timings(j, start, compute_ms)))
+            timings=self._timings(j, start, compute_ms)), j.blob)
             for j, out in zip(jobs, outputs, strict=True)]
         t1 = time.perf_counter()
         try:
