@@ -38,6 +38,7 @@ class Event(StrEnum):
     RECLAIMED = "reclaimed"
     REDIS_RECONNECT = "redis_reconnect"
     MALFORMED = "malformed_message"
+    STREAM_SWEPT = "retired_stream_swept"
 
 
 def configure(fmt: str = "json", level: str = "info", *, force: bool = False) -> None:

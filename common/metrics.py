@@ -41,6 +41,10 @@ PLAN_UNPLACED = Gauge("graft_plan_unplaced_replicas",
 REPLICAS = Gauge("graft_replicas", "Replica processes running on this agent", ["device"], registry=REGISTRY)
 RECLAIMED = Counter("graft_reclaimed_total", "Entries reclaimed from dead consumers", ["group"],
                     registry=REGISTRY)
+SWEPT = Counter("graft_swept_total",
+                "Entries of abandoned retired group streams handled by the planner's sweeper, by outcome "
+                "(rerouted, taken, expired, unknown_model, bad_cut, malformed, poison, gone)",
+                ["outcome"], registry=REGISTRY)
 DEAD_LETTERS = Counter("graft_dead_letters_total", "Entries moved to a dead-letter stream", ["stream"],
                        registry=REGISTRY)
 

@@ -7,6 +7,7 @@
 | GRAFT_MODELS | resnet18,mobilenet_v2 | models served (bootstrap plan covers every cut of each) |
 | GRAFT_RESOLUTION | 0 (each model's default) | input resolution of served models |
 | GRAFT_DEVICE | auto | worker device: auto, cpu, cuda |
+| GRAFT_NODE | (empty) | this host's name in device names: a worker agent's devices become ``{node}/gpu0``, ``{node}/cpu0``, … (empty: plain ``gpu0``, ``cpu0``, one host); every host of a deployment needs its own |
 | GRAFT_RHO | 0.9 | utilisation cap ρ of section 4 |
 | GRAFT_POLICY | graft | planning policy of the planner service: graft or per-cut |
 | GRAFT_BLOCK_MS | 100 | BLOCK of blocking stream reads (ms); must stay below the socket timeout |
@@ -45,6 +46,10 @@ def _split(value: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in value.split(",") if s.strip())
 
 
+# A host's name in device names (``GRAFT_NODE``): no ``/`` (it separates the node from the device) and no
+# ``:`` (it separates the parts of Redis keys that carry device names).
+NODE_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"
+_NODE = re.compile(NODE_PATTERN)
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*$")
 
 
@@ -64,6 +69,7 @@ class Settings:
     models: tuple[str, ...] = ("resnet18", "mobilenet_v2")
     resolution: int = 0
     device: str = "auto"
+    node: str = ""
     rho: float = 0.9
     policy: str = "graft"
     block_ms: int = 100
@@ -94,6 +100,9 @@ class Settings:
             raise SettingsError(f"GRAFT_RHO must be in (0, 1], got {self.rho}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise SettingsError(f"GRAFT_DEVICE must be auto, cpu or cuda, got {self.device!r}")
+        if self.node and not _NODE.fullmatch(self.node):
+            raise SettingsError(f"GRAFT_NODE must be empty or a name of letters, digits, '_', '.' and '-' (at most 63, "
+                                f"not starting with '_', '.' or '-'), got {self.node!r}")
         if self.policy not in ("graft", "per-cut"):
             raise SettingsError(f"GRAFT_POLICY must be graft or per-cut, got {self.policy!r}")
         if self.batching not in ("eager", "slack"):

@@ -276,3 +276,23 @@ async def test_redis_url_option_wins_over_the_environment(redis: Any, redis_url:
     res = await cli("replan", "--redis-url", redis_url)
     assert res.exit_code == 0, res.output
     assert [c["cmd"] for c in await control_commands(redis)] == ["replan"]
+
+
+async def test_drain_and_status_with_host_qualified_devices(redis: Any, env: str) -> None:
+    qualified = {**PLAN1, "placement": [{**PLAN1["placement"][0], "device": "a/gpu0"}]}
+    await publish_plan(redis, qualified)
+    await heartbeat(redis, ("worker", "h1"), devices=["b/gpu0", "b/gpu1"], node="b")
+    await heartbeat(redis, ("replica", "r0"), state="running", device="a/gpu0", epoch=1)
+    for device in ("a/gpu0", "b/gpu0"):
+        res = await cli("drain", device)
+        assert res.exit_code == 0 and "drain request queued" in res.output and "note" not in res.output
+    res = await cli("drain", "gpu0")  # a plain name where every device is host-qualified: queued, with a note
+    assert res.exit_code == 0 and "drain request queued" in res.output
+    assert "note" in res.output and "a/gpu0, b/gpu0, b/gpu1" in res.output and "node/gpuN" in res.output
+    cmds = await control_commands(redis)
+    assert [c["device"] for c in cmds] == ["a/gpu0", "b/gpu0", "gpu0"]
+    res = await cli("status")
+    assert res.exit_code == 0, res.output
+    rows = {line.split("│")[2].strip(): line for line in res.output.splitlines() if line.count("│") > 3}
+    assert "device(s)" in res.output
+    assert "b/gpu0, b/gpu1" in rows["h1"] and "a/gpu0" in rows["r0"]  # an agent's devices, a replica's device

@@ -14,6 +14,8 @@ from common.routing import PlanView
 from services.planner.devices import (
     LiveDevices,
     assign_devices,
+    device_kind,
+    device_node,
     natural_key,
     needs_reassignment,
     parse_worker_status,
@@ -131,26 +133,87 @@ def test_shortfall_and_needs_reassignment() -> None:
     assert needs_reassignment({"placement": short.placement}, {"gpu0"})  # no report yet: one is due
 
 
-live_sets = st.sets(st.sampled_from([f"gpu{i}" for i in range(8)] + ["cpu0", "cpu1"]), max_size=10)
+def test_host_qualified_names_have_the_kind_after_the_slash() -> None:
+    assert [device_kind(n) for n in ("gpu3", "a/gpu3", "gpu-host-1/cpu0", "x.y/gpu")] == ["gpu", "gpu", "cpu", "gpu"]
+    assert [device_node(n) for n in ("gpu3", "a/gpu3", "gpu-host-1/cpu0")] == ["", "a", "gpu-host-1"]
+    # index before node: one GPU of each host in turn; plain names first at each index
+    assert sorted(["b/gpu1", "a/gpu1", "gpu1", "b/gpu0", "a/gpu0", "a/cpu0", "a/gpu10"], key=natural_key) == [
+        "a/cpu0", "a/gpu0", "b/gpu0", "gpu1", "a/gpu1", "b/gpu1", "a/gpu10"]
+
+
+def test_bins_spread_over_the_gpus_of_several_hosts() -> None:
+    two = assign_devices(THREE, {"a/gpu0", "b/gpu0"})
+    # place() named the bins gpu0..gpu2; they land on both hosts, and the third is reported with a plain
+    # synthetic name (no host has claimed it)
+    assert names(two.placement) == ["a/gpu0", "b/gpu0", "gpu0"]
+    assert two.unplaced == [{"device": "gpu0", "replicas": 1}]
+    four = {"a/gpu0", "a/gpu1", "b/gpu0", "b/gpu1"}
+    first = assign_devices(THREE, four)
+    assert names(first.placement) == ["a/gpu0", "b/gpu0", "a/gpu1"] and first.unplaced == []
+    assert content(first.placement) == content(THREE)
+    assert assign_devices(THREE, four, previous=first.placement) == first  # stable
+    # host b goes: a's bins stay; b's keeps its name, reported, until another host comes up
+    gone = assign_devices(THREE, {"a/gpu0", "a/gpu1"}, previous=first.placement)
+    assert names(gone.placement) == ["a/gpu0", "b/gpu0", "a/gpu1"]
+    assert gone.unplaced == [{"device": "b/gpu0", "replicas": 1}]
+    back = assign_devices(THREE, {"a/gpu0", "a/gpu1", "c/gpu0"}, previous=gone.placement)
+    assert names(back.placement) == ["a/gpu0", "c/gpu0", "a/gpu1"] and back.unplaced == []
+    # a plain name and a qualified one are different devices; draining one leaves the other
+    assert names(assign_devices(THREE, {"gpu0", "a/gpu0", "b/gpu0"}).placement) == ["gpu0", "a/gpu0", "b/gpu0"]
+    drained = assign_devices(THREE, {"a/gpu0", "b/gpu0", "b/gpu1"}, {"a/gpu0", "gpu1"})
+    assert names(drained.placement) == ["b/gpu0", "b/gpu1", "gpu0"] and drained.unplaced_replicas == 1
+    assert shortfall(first.placement, {"a/gpu0", "a/gpu1", "gpu0"}) == [{"device": "b/gpu0", "replicas": 1}]
+    plan = {"placement": first.placement, "unplaced": first.unplaced}
+    assert not needs_reassignment(plan, four)
+    assert needs_reassignment(plan, four - {"b/gpu0"} | {"b/gpu2"})
+
+
+def test_whole_cpu_agents_serve_the_cpu_devices_of_their_own_node() -> None:
+    cpu = bins([("a", 4)], [("a", 4)], [("b", 2)], [("c", 1)], kind="cpu")
+    one = assign_devices(cpu, {"a/cpu0"}, all_cpu={"a"})
+    assert names(one.placement) == ["a/cpu0", "a/cpu1", "a/cpu2", "a/cpu3"] and one.unplaced == []
+    # an agent of node a says nothing about plain cpuN nor about node b's
+    assert shortfall([{"device": "cpu1", "replicas": [{"group": "a", "share": 1}]},
+                      {"device": "b/cpu1", "replicas": [{"group": "a", "share": 1}]},
+                      {"device": "a/cpu7", "replicas": [{"group": "a", "share": 1}]}], {"a/cpu0"},
+                     all_cpu={"a"}) == [{"device": "cpu1", "replicas": 1}, {"device": "b/cpu1", "replicas": 1}]
+    # two whole-CPU hosts take the bins in turn, past drained devices
+    two = assign_devices(cpu, {"a/cpu0", "b/cpu0"}, {"b/cpu1"}, all_cpu={"a", "b"})
+    assert names(two.placement) == ["a/cpu0", "b/cpu0", "a/cpu1", "a/cpu2"] and two.unplaced == []
+    # True still means an agent without a node: plain cpuN, next to node a's live cpu0
+    legacy = assign_devices(cpu, {"a/cpu0"}, all_cpu=True)
+    assert names(legacy.placement) == ["a/cpu0", "cpu0", "cpu1", "cpu2"] and legacy.unplaced == []
+    # the plain whole-CPU case is unchanged
+    assert names(assign_devices(cpu, {"cpu0"}, all_cpu={""}).placement) == ["cpu0", "cpu1", "cpu2", "cpu3"]
+    plan = {"placement": one.placement, "unplaced": one.unplaced}
+    assert not needs_reassignment(plan, {"a/cpu0"}, all_cpu={"a"})
+    assert needs_reassignment(plan, {"a/cpu0"}, all_cpu={"b"})  # a's whole-CPU agent left: a report is due
+
+
+PLAIN = [f"gpu{i}" for i in range(8)] + ["cpu0", "cpu1"]
+QUALIFIED = [f"{n}/{d}{i}" for n in "ab" for d, i in (("gpu", 0), ("gpu", 1), ("gpu", 3), ("cpu", 0), ("cpu", 2))]
+live_sets = st.sets(st.sampled_from(PLAIN + QUALIFIED), max_size=12)
+cpu_nodes = st.one_of(st.booleans(), st.sets(st.sampled_from(["", "a", "b"]), max_size=2))
 placements = st.lists(st.lists(st.tuples(st.sampled_from("abcd"), st.sampled_from([10, 20, 50])), min_size=1,
                                max_size=3), min_size=0, max_size=7)
 
 
 @settings(max_examples=300, deadline=None)
-@given(raw=placements, live=live_sets, drained=live_sets, prev_live=live_sets, all_cpu=st.booleans(),
+@given(raw=placements, live=live_sets, drained=live_sets, prev_live=live_sets, all_cpu=cpu_nodes,
        kind=st.sampled_from(["gpu", "cpu"]))
 def test_assignment_properties(raw: list[list[tuple[str, int]]], live: set[str], drained: set[str],
-                               prev_live: set[str], all_cpu: bool, kind: str) -> None:
+                               prev_live: set[str], all_cpu: bool | set[str], kind: str) -> None:
     placement = bins(*raw, kind=kind)
     previous = assign_devices(placement, prev_live, all_cpu=all_cpu).placement
     a = assign_devices(placement, live, drained, all_cpu=all_cpu, previous=previous)
     got = names(a.placement)
     # complete and well formed: same bins in the same order, distinct names of the bin's kind
     assert content(a.placement) == content(placement)
-    assert len(set(got)) == len(got) and all(n.startswith(kind) for n in got)
+    assert len(set(got)) == len(got) and all(device_kind(n) == kind for n in got)
     assert not set(got) & drained  # never on a drained device
-    usable = {n for n in live - drained if n.startswith(kind)}
-    served = [n for n in got if n in usable or (all_cpu and kind == "cpu")]
+    usable = {n for n in live - drained if device_kind(n) == kind}
+    whole = ({""} if all_cpu else set()) if isinstance(all_cpu, bool) else all_cpu  # nodes of whole-CPU agents
+    served = [n for n in got if n in usable or (kind == "cpu" and device_node(n) in whole)]
     # honest: what is not on a served device is reported, with its replica count, and nothing else is
     assert [u["device"] for u in a.unplaced] == [n for n in got if n not in served]
     assert Counter(u["device"] for u in a.unplaced) == Counter({p["device"]: 1 for p in a.placement
@@ -159,7 +222,7 @@ def test_assignment_properties(raw: list[list[tuple[str, int]]], live: set[str],
                if p["device"] == u["device"])
     # no shortfall while live devices are left: a dead or missing device is only used when they ran out
     assert not a.unplaced or usable <= set(got)
-    if not (all_cpu and kind == "cpu"):
+    if not (whole and kind == "cpu"):
         assert len(a.unplaced) == max(0, len(placement) - len(usable))
     else:
         assert a.unplaced == []
@@ -196,15 +259,33 @@ def test_live_devices_grace() -> None:
     assert d.live == set() and not d.all_cpu
 
 
+def test_live_devices_follow_whole_cpu_agents_per_node() -> None:
+    d = LiveDevices(grace_s=0.0, misses=1)
+    assert d.all_cpu_nodes == frozenset()
+    assert d.observe({"a/cpu0", "b/gpu0"}, {"a"}, 0.0) == ({"a/cpu0", "b/gpu0", "a/cpu*"}, set())
+    assert d.live == {"a/cpu0", "b/gpu0"} and d.all_cpu and d.all_cpu_nodes == {"a"}
+    assert d.observe({"a/cpu0", "b/gpu0", "cpu0"}, {"a", ""}, 1.0) == ({"cpu0", "cpu*"}, set())
+    assert d.all_cpu_nodes == {"a", ""}
+    assert d.observe({"b/gpu0", "cpu0"}, {""}, 2.0) == (set(), {"a/cpu0", "a/cpu*"})
+    assert d.live == {"b/gpu0", "cpu0"} and d.all_cpu_nodes == {""}
+
+
 @pytest.mark.parametrize(("status", "want"), [
-    ({"devices": ["gpu0", "gpu1"]}, (["gpu0", "gpu1"], False)),
-    ({"devices": ["cpu0"], "all_cpu_devices": True}, (["cpu0"], True)),
-    ({"devices": "gpu0"}, ([], False)),
-    ({"devices": ["gpu0", 3, None, "", "x" * 100, "cpu*", "gpu 1"]}, (["gpu0"], False)),
-    ({}, ([], False)),
-    ({"devices": [], "all_cpu_devices": "yes"}, ([], False)),
+    ({"devices": ["gpu0", "gpu1"]}, (["gpu0", "gpu1"], None)),
+    ({"devices": ["cpu0"], "all_cpu_devices": True}, (["cpu0"], "")),
+    ({"devices": "gpu0"}, ([], None)),
+    ({"devices": ["gpu0", 3, None, "", "x" * 100, "cpu*", "gpu 1"]}, (["gpu0"], None)),
+    ({}, ([], None)),
+    ({"devices": [], "all_cpu_devices": "yes"}, ([], None)),
+    # host-qualified names; the whole-CPU agent's node from its heartbeat, else from its devices
+    ({"devices": ["a/gpu0", "a/gpu1"], "node": "a"}, (["a/gpu0", "a/gpu1"], None)),
+    ({"devices": ["a/cpu0", "a/cpu1"], "node": "a", "all_cpu_devices": True}, (["a/cpu0", "a/cpu1"], "a")),
+    ({"devices": ["a/cpu0"], "all_cpu_devices": True}, (["a/cpu0"], "a")),
+    ({"devices": ["cpu0"], "node": "no/slash", "all_cpu_devices": True}, (["cpu0"], "")),
+    ({"devices": ["gpu-host-1/gpu0", "bad node/gpu0", "/gpu0", "a/b/gpu0", "a/cpu*", "a/"]},
+     (["gpu-host-1/gpu0"], None)),
 ])
-def test_parse_worker_status(status: dict[str, Any], want: tuple[list[str], bool]) -> None:
+def test_parse_worker_status(status: dict[str, Any], want: tuple[list[str], str | None]) -> None:
     assert parse_worker_status(status) == want
 
 

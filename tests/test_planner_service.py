@@ -274,3 +274,69 @@ async def test_annotate_plan_only_touches_the_current_epoch(redis) -> None:
     view = await load_plan(redis)
     assert view.epoch == 1 and view.raw["unplaced"] == [] and view.raw["groups"] == plan["groups"]
     assert await redis.xlen(keys.PLANS) == 1
+
+
+async def test_planner_places_on_the_gpus_of_two_hosts(redis) -> None:
+    from common.planning import verify_plan
+    from common.planning.types import workload_from_dict
+    from services.planner.devices import LiveDevices
+
+    prof = tiny_profile()
+    planner = Planner(Settings(models=("m",), replan_s=60.0, block_ms=20), redis, prof, "p")
+    planner.devices = LiveDevices(grace_s=0.0, misses=1)
+    # Two GPU hosts, each agent with its own GRAFT_NODE: both have a GPU 0, under different names.
+    await beat(redis, "host-a-gpu0", ["a/gpu0"], node="a", all_cpu_devices=False)
+    await beat(redis, "host-b-gpu0", ["b/gpu0"], node="b", all_cpu_devices=False)
+    await planner.bootstrap()
+    assert planner.current is not None and devices_of(planner.current) == ["a/gpu0"]
+    assert planner.current["unplaced"] == []
+    # Four replicas of share 50 need two GPUs: one on each host, nothing unplaced.
+    gid = planner.current["groups"][0]["id"]
+    planner.on_control(wire.encode_message("control", {"cmd": "scale", "group": gid, "replicas": 4}))
+    await planner.maybe_replan(force="scale")
+    plan = (await load_plan(redis)).raw
+    assert plan["epoch"] == 2 and devices_of(plan) == ["a/gpu0", "b/gpu0"] and plan["unplaced"] == []
+    assert [len(p["replicas"]) for p in plan["placement"]] == [2, 2]
+    assert unplaced_gauge() == 0
+    assert verify_plan(prof, workload_from_dict({"fragments": plan["workload"]}), plan) == []
+    # Nothing changes while both beat; when host b goes, its replicas are reported under b/gpu0 ...
+    await planner.poll_devices(force=True)
+    assert await planner.follow_devices() is False
+    await redis.delete(keys.health("worker", "host-b-gpu0"))
+    await planner.poll_devices(force=True)
+    assert await planner.follow_devices() is False  # nowhere to move: same epoch, a shortfall report
+    assert planner.current["unplaced"] == [{"device": "b/gpu0", "replicas": 2}] and unplaced_gauge() == 2
+    # ... until a third host comes up: they move there at once.
+    await beat(redis, "host-c-gpu0", ["c/gpu0"], node="c")
+    await planner.poll_devices(force=True)
+    assert await planner.follow_devices() is True
+    plan = (await load_plan(redis)).raw
+    assert plan["epoch"] == 3 and devices_of(plan) == ["a/gpu0", "c/gpu0"] and plan["unplaced"] == []
+    # drain takes a qualified name
+    planner.on_control(wire.encode_message("control", {"cmd": "drain", "device": "a/gpu0"}))
+    await planner.maybe_replan(force="drain")
+    plan = (await load_plan(redis)).raw
+    assert "a/gpu0" not in devices_of(plan) and "c/gpu0" in devices_of(plan)
+
+
+async def test_planner_gives_whole_cpu_agents_the_cpu_devices_of_their_nodes(redis) -> None:
+    from common.profiles import make_profile
+    from services.planner.devices import LiveDevices
+
+    blocks = [{"name": f"b{j}", "out_bytes": 100, "flops": 10**6,
+               "latency_ms": [[1.0, 0.6], [1.5, 0.9]]} for j in range(2)]
+    prof = make_profile("measured", "cpu-test", "cpu_threads", [1, 2], [1, 2],
+                        {"m": {"input_shape": [3, 8, 8], "input_bytes": 768, "blocks": blocks}})
+    planner = Planner(Settings(models=("m",), replan_s=60.0, block_ms=20), redis, prof, "cpu")
+    planner.devices = LiveDevices(grace_s=0.0, misses=1)
+    await beat(redis, "ha", ["a/cpu0"], node="a", all_cpu_devices=True)
+    await beat(redis, "hb", ["b/cpu0"], node="b", all_cpu_devices=True)
+    await planner.bootstrap()
+    assert planner.devices.all_cpu_nodes == {"a", "b"}
+    gid = planner.current["groups"][0]["id"]
+    planner.on_control(wire.encode_message("control", {"cmd": "scale", "group": gid, "replicas": 6}))
+    await planner.maybe_replan(force="scale")
+    plan = planner.current
+    n_dev = len(plan["placement"])
+    assert n_dev >= 3 and plan["unplaced"] == []
+    assert devices_of(plan) == [f"{'ab'[i % 2]}/cpu{i // 2}" for i in range(n_dev)]  # the hosts in turn

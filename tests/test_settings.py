@@ -20,6 +20,10 @@ def test_defaults_and_env_round_trip() -> None:
     {"GRAFT_RESOLUTION": "big"},
     {"GRAFT_METRICS_HOST": "0.0.0.0:9100"},
     {"GRAFT_METRICS_HOST": "two hosts"},
+    {"GRAFT_NODE": "a/b"},                 # the slash separates the node from the device
+    {"GRAFT_NODE": "a:b"},                 # the colon separates Redis key parts
+    {"GRAFT_NODE": "-a"},
+    {"GRAFT_NODE": "x" * 64},
 ])
 def test_bad_values_are_refused(env) -> None:
     with pytest.raises(SettingsError):
@@ -33,3 +37,10 @@ def test_metrics_host_defaults_to_loopback_and_reaches_child_processes() -> None
         s = Settings.from_env({"GRAFT_METRICS_HOST": host})
         assert s.metrics_host == host
         assert s.to_env()["GRAFT_METRICS_HOST"] == host and Settings.from_env(s.to_env()) == s
+
+
+def test_node_defaults_to_none_and_reaches_child_processes() -> None:
+    assert Settings.from_env({}).node == "" and Settings.from_env({"GRAFT_NODE": ""}).node == ""
+    for node in ("gpu-host-1", "a", "rack2.node_7", "0" * 63):
+        s = Settings.from_env({"GRAFT_NODE": node})
+        assert s.node == node and s.to_env()["GRAFT_NODE"] == node and Settings.from_env(s.to_env()) == s

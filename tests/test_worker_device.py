@@ -68,3 +68,40 @@ def test_nvml_probe_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     assert count >= 0 and note
     monkeypatch.setitem(sys.modules, "pynvml", None)  # as if nvidia-ml-py were not installed
     assert nvml_gpu_count() == (0, "pynvml is not installed")
+
+
+def test_host_qualified_names_keep_the_local_index() -> None:
+    d = Device.parse("gpu-host-1/gpu1")
+    assert d == Device("gpu", 1, "gpu-host-1") and d.name == "gpu-host-1/gpu1" and d.local_name == "gpu1"
+    assert Device.parse("gpu1") == Device("gpu", 1) and Device("gpu", 1).name == "gpu1"  # as before
+    assert Device.parse("a/cpu0").name == "a/cpu0" and not Device.parse("a/cpu0").is_gpu
+    for bad in ("a/tpu0", "/gpu0", "a/b/gpu0", "bad node/gpu0", "-a/gpu0", "a:b/gpu0", "a/"):
+        with pytest.raises(DeviceError, match="form"):
+            Device.parse(bad)
+    # the part after the slash is what the host knows: CUDA index 1, whatever the node
+    env = share_env(d, 30, {})
+    assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "30"
+    slot = ReplicaSlot(epoch=4, group="g2", device=d, index=3, share=40)
+    assert slot.consumer == "gpu-host-1/gpu1-g2-3"
+    argv = slot.argv("py")
+    assert argv[argv.index("--device") + 1] == "gpu-host-1/gpu1"
+
+
+def test_discovery_names_devices_on_the_node(tmp_path: Path) -> None:
+    env = {"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path)}
+    assert [x.name for x in discover("auto", gpu_count=2, env=env, node="a").devices] == ["a/gpu0", "a/gpu1"]
+    assert [x.name for x in discover("auto", gpu_count=0, node="a").devices] == ["a/cpu0"]
+    assert [x.name for x in discover("cpu", gpu_count=0, node="a").devices] == ["a/cpu0"]
+    # a list may name the devices plainly or on this node, never on another one
+    assert discover("gpu1,a/gpu0", gpu_count=2, env=env, node="a").devices == (Device("gpu", 1, "a"),
+                                                                               Device("gpu", 0, "a"))
+    with pytest.raises(DeviceError, match="on node 'b'"):
+        discover("b/gpu0", gpu_count=2, node="a")
+    with pytest.raises(DeviceError, match="on node 'a'"):
+        discover("a/gpu0", gpu_count=2)  # GRAFT_NODE empty
+    with pytest.raises(DeviceError, match="not on this host"):
+        discover("a/gpu2", gpu_count=2, node="a")
+    with pytest.raises(DeviceError, match="twice"):
+        discover("gpu0,a/gpu0", gpu_count=2, node="a")
+    with pytest.raises(DeviceError, match="node name"):
+        discover("auto", gpu_count=1, node="a/b")

@@ -40,6 +40,16 @@ async def services_status(r: Any) -> list[dict[str, Any]]:
     return rows
 
 
+async def known_devices(r: Any) -> set[str]:
+    """Device names the current plan places replicas on or a fresh worker heartbeat reports hosting."""
+    view = await load_plan(r)
+    known = set(view.devices()) if view is not None else set()
+    for row in await services_status(r):
+        if row["service"] == "worker" and isinstance(row.get("devices"), list):
+            known.update(d for d in row["devices"] if isinstance(d, str))
+    return known
+
+
 async def group_backlogs(r: Any, view: PlanView) -> list[dict[str, Any]]:
     """Per group of the plan: stream length, lag and pending of the worker consumer group."""
     out: list[dict[str, Any]] = []

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 import typer
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from rich.markup import escape
 from rich.table import Table
 
 from common.settings import Settings, SettingsError
@@ -106,7 +107,10 @@ def status(redis_url: RedisUrl = None, as_json: Annotated[bool, typer.Option("--
     if as_json:
         typer.echo(json.dumps(data, default=str, indent=1))
         return
-    console.print(_table("services", data["services"], ["service", "name", "age_s", "status", "epoch"]))
+    for row in data["services"]:  # a worker agent's devices, a replica's device (node/gpuN on many hosts)
+        devices = row.get("devices")
+        row["device(s)"] = ", ".join(map(str, devices)) if isinstance(devices, list) else row.get("device")
+    console.print(_table("services", data["services"], ["service", "name", "age_s", "status", "epoch", "device(s)"]))
     if data["plan"] is None:
         console.print("no plan published yet")
         return
@@ -160,10 +164,19 @@ def scale(group: Annotated[str, typer.Argument(help="group id of the current pla
     console.print(f"scale request queued ({entry})")
 
 
-def drain(device: Annotated[str, typer.Argument(help="a placement device, e.g. gpu1")],
+def drain(device: Annotated[str, typer.Argument(help="a placement device, e.g. gpu1, or node/gpu1 on a host "
+                                                     "with GRAFT_NODE")],
           redis_url: RedisUrl = None) -> None:
     """Move every replica off a device (its streams drain before its replicas exit)."""
-    entry = _with_redis(redis_url, lambda r: admin.send_control(r, "drain", device=device))
+    async def go(r: Any) -> tuple[str, set[str]]:
+        known = await admin.known_devices(r)
+        return await admin.send_control(r, "drain", device=device), known
+
+    entry, known = _with_redis(redis_url, go)
+    if device not in known:  # still queued: a device may be drained before its agent comes up
+        have = f" (they have: {', '.join(sorted(known))})" if known else ""
+        console.print(escape(f"note: neither the current plan nor a live worker agent has a device named {device!r}"
+                             f"{have}; on hosts with GRAFT_NODE, devices are named node/gpuN"), style="yellow")
     console.print(f"drain request queued ({entry})")
 
 

@@ -2,13 +2,19 @@
 
 Each batch read from ``graft:ingress`` becomes one pipelined round trip: an XADD per routed request to
 its group stream, an error reply per refused request (``ReplySender``: idempotent by ``req_id``), and
-one XACK for the whole batch. A batch is routed entirely with one plan epoch; a newer plan found by
-the poller is switched to before the next batch — but only once every group stream of the new plan
-has a worker consumer (make-before-break: new replicas take seconds to load their blocks, and
-requests routed to a stream nobody reads yet would miss their deadlines), or after
-``switch_timeout_s`` if some never appears. Side loops poll the group backlogs for shedding,
-flush statistics, beat the heartbeat, trim the ingress stream and reclaim entries of dead ingress
-consumers. Nothing here blocks per request: no round trip, no ``describe``.
+one XACK for the whole batch. A batch holding blob requests costs one round trip more, before that
+one: a STRLEN per blob (it must hold exactly the bytes its dtype and shape need) and a PEXPIRE that
+ties the blob's life to the request's deadline (``budget + blob_margin_ms`` from now, server clock).
+A refused request that names a blob gets its blob ``keys.blob(req_id)`` deleted with its reply (never
+another key it names: that one is not its to delete and expires by its TTL).
+
+A batch is routed entirely with one plan epoch; a newer plan found by the poller is switched to before
+the next batch — but only once every group stream of the new plan has a worker consumer
+(make-before-break: new replicas take seconds to load their blocks, and requests routed to a stream
+nobody reads yet would miss their deadlines), or after ``switch_timeout_s`` if some never appears.
+Side loops poll the group backlogs for shedding, flush statistics, beat the heartbeat, trim the
+ingress stream and reclaim entries of dead ingress consumers. Nothing here blocks per request: no
+round trip, no ``describe``.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from common import keys, logs, wire
-from common.errors import BadCut, GraftError, InternalError, Overloaded
+from common.errors import GraftError, InternalError, Overloaded
 from common.logs import Event
 from common.metrics import PLAN_EPOCH, QUEUE_LAG, REQUESTS, STAGE_MS
 from common.plan_store import PlanWatcher
@@ -42,7 +48,7 @@ from common.streams import (
 from services.ingress.backlog import poll_backlogs
 from services.ingress.shedding import Backlogs, Capacity, ShedPolicy
 from services.ingress.stats import StatsWindow
-from services.ingress.validate import Limits, ModelCatalog, Validator, answerable_ids
+from services.ingress.validate import Limits, ModelCatalog, Validator, answerable_ids, blob_error
 
 log = logs.get_logger("graft.ingress")
 
@@ -51,6 +57,8 @@ STATS_MAXLEN = 10_000
 HEARTBEAT_TTL_S = 5
 # Entries a dead ingress consumer held are reclaimed after this idle time; a live one acks in ms.
 RECLAIM_IDLE_MS = 10_000
+# A routed blob outlives its request's deadline by this much (replicas delete it once they replied).
+BLOB_MARGIN_MS = 2_000.0
 
 _OK = REQUESTS.labels(service=SERVICE, outcome="ok")
 _MALFORMED = REQUESTS.labels(service=SERVICE, outcome="MALFORMED")
@@ -60,18 +68,8 @@ _ROUTE_MS = STAGE_MS.labels(stage="route")
 
 def route(view: PlanView, model: str, cut: int, budget_ms: float) -> GroupSpec:
     """The plan's group for ``(model, cut)``; a cut no group lists joins the group of that model that
-    starts nearest below it (re-aligned execution runs any cut at or above a group's first cut)."""
-    spec = view.route(model, cut, budget_ms)
-    if spec is not None:
-        return spec
-    below = [s for s in view.groups.values() if s.model == model and s.min_cut <= cut]
-    if not below:
-        raise BadCut(f"cut {cut} of {model} is not served by plan epoch {view.epoch}",
-                     model=model, cut=cut, epoch=view.epoch)
-    nearest = max(s.min_cut for s in below)
-    cands = sorted((s for s in below if s.min_cut == nearest), key=lambda s: (s.min_budget_ms, s.id))
-    fitting = [s for s in cands if s.min_budget_ms <= budget_ms]
-    return fitting[-1] if fitting else cands[0]
+    starts nearest below it (``PlanView.resolve``, shared with the planner's retired-stream sweeper)."""
+    return view.resolve(model, cut, budget_ms)
 
 
 async def unserved_streams(r: Any, view: PlanView) -> list[str]:
@@ -102,7 +100,7 @@ class IngressService:
         self, r: Any, settings: Settings, *, name: str | None = None, count: int = 256, block_ms: int | None = None,
         plan_interval_s: float = 0.2, shed_interval_s: float = 0.15, stats_interval_s: float = 1.0,
         heartbeat_s: float = 1.0, trim_interval_s: float = 5.0, shedding: bool = True,
-        switch_timeout_s: float | None = None,
+        switch_timeout_s: float | None = None, blob_margin_ms: float = BLOB_MARGIN_MS,
     ) -> None:
         self.r, self.settings = r, settings
         self.name = name or consumer_name(SERVICE)
@@ -110,6 +108,7 @@ class IngressService:
         self.plan_interval_s, self.shed_interval_s = plan_interval_s, shed_interval_s
         self.stats_interval_s, self.heartbeat_s, self.trim_interval_s = stats_interval_s, heartbeat_s, trim_interval_s
         self.shedding = shedding
+        self.blob_margin_ms = blob_margin_ms
         self.switch_timeout_s = settings.switch_timeout_s if switch_timeout_s is None else switch_timeout_s
         self.catalog = ModelCatalog(settings.resolution)
         self.validator = Validator(self.catalog, Limits(settings.max_tensor_bytes, settings.max_slo_ms))
@@ -214,53 +213,96 @@ class IngressService:
         view = self.view
         assert view is not None, "handle_batch before the first plan"
         received = time.time()
+        spent: list[float] = []  # validation + routing time per entry
+        checked: list[wire.Request | Exception] = []
+        for entry in entries:
+            t0 = time.perf_counter()
+            try:
+                checked.append(self.validator.check(entry.payload))
+            except Exception as exc:
+                checked.append(exc)
+            spent.append(time.perf_counter() - t0)
+        await self._check_blobs(checked)
         routed: list[tuple[wire.Request, int]] = []  # with the request's position in the pipeline
         refused: list[tuple[str, wire.Reply]] = []
         malformed: list[tuple[Entry, GraftError]] = []
         async with self.r.pipeline(transaction=False) as pipe:
-            for entry in entries:
+            for entry, got, took in zip(entries, checked, spent, strict=True):
                 t0 = time.perf_counter()
-                try:
-                    req = self.validator.check(entry.payload)
-                    assert req.budget_ms is not None
-                    spec = route(view, req.model, req.cut, req.budget_ms)
-                    if self.shedding:
-                        decision = self.policy.admit(spec.id, req.budget_ms)
-                        if decision.shed:
-                            self.stats.record_shed(req.model, req.cut, req.budget_ms)
-                            raise Overloaded(
-                                f"group {spec.id} has {self.backlogs.backlog(spec.id)} requests queued "
-                                f"(≈{decision.wait_ms:.0f} ms wait + {spec.latency_ms:.0f} ms batch ≥ "
-                                f"budget {req.budget_ms:.0f} ms)",
-                                retry_after_ms=decision.retry_after_ms, group=spec.id)
-                    req.received = received
-                    req.deadline = received + req.budget_ms / 1000.0
-                    pipe.xadd(view.stream(spec.id), {keys.FIELD: wire.encode_request(req)},
-                              maxlen=self.settings.stream_maxlen, approximate=True)
-                    routed.append((req, len(pipe.command_stack) - 1))
-                    self.stats.record_routed(req.model, req.cut, req.budget_ms)
-                except Exception as exc:
-                    err = exc if isinstance(exc, GraftError) else InternalError(f"ingress failed: {exc!r}")
-                    if not isinstance(exc, GraftError):
-                        log.exception(Event.REQUEST_REJECTED, ingress=self.name, entry_id=entry.id)
-                    ids = answerable_ids(entry.payload)
-                    if ids is None:
-                        malformed.append((entry, err))
-                        continue
-                    req_id, client = ids
-                    rep = wire.Reply.failure(req_id, err, server_ms=(time.time() - received) * 1000.0,
-                                             epoch=view.epoch)
-                    refused.append((client, rep))
-                    await self.replies.add(pipe, client, rep)
-                    if not isinstance(err, Overloaded):
-                        self.stats.record_rejected(str(err.code))
-                finally:
-                    _VALIDATE_MS.observe((time.perf_counter() - t0) * 1000.0)
+                if isinstance(got, wire.Request):
+                    try:
+                        self._route(pipe, view, got, received)
+                        routed.append((got, len(pipe.command_stack) - 1))
+                        self.stats.record_routed(got.model, got.cut, got.budget_ms or 0.0)
+                    except Exception as exc:
+                        await self._refuse(pipe, view, entry, exc, received, refused, malformed,
+                                           blob=got.blob is not None)
+                else:
+                    await self._refuse(pipe, view, entry, got, received, refused, malformed)
+                _VALIDATE_MS.observe((took + time.perf_counter() - t0) * 1000.0)
             pipe.xack(keys.INGRESS, keys.INGRESS_GROUP, *(e.id for e in entries))
             t1 = time.perf_counter()
             results = await pipe.execute(raise_on_error=False)
         _ROUTE_MS.observe((time.perf_counter() - t1) * 1000.0)
         await self._after(view, routed, refused, malformed, results)
+
+    async def _check_blobs(self, checked: list[wire.Request | Exception]) -> None:
+        """Replace each blob request whose blob is missing or of the wrong length by its ``BadTensor``;
+        one pipelined round trip, and none at all for a batch without blob requests."""
+        blobs = [(i, got) for i, got in enumerate(checked) if isinstance(got, wire.Request) and got.blob is not None]
+        if not blobs:
+            return
+        async with self.r.pipeline(transaction=False) as pipe:
+            for _, req in blobs:
+                assert req.blob is not None and req.budget_ms is not None
+                pipe.strlen(req.blob)
+                pipe.pexpire(req.blob, max(1, int(req.budget_ms + self.blob_margin_ms)))
+            answers = await pipe.execute(raise_on_error=False)
+        for k, (i, req) in enumerate(blobs):
+            strlen = answers[2 * k]
+            if isinstance(strlen, TRANSIENT):
+                raise strlen
+            err = blob_error(req, strlen)
+            if err is not None:
+                checked[i] = err
+
+    def _route(self, pipe: Any, view: PlanView, req: wire.Request, received: float) -> None:
+        """Queue the XADD of a valid request to its group stream, or raise ``Overloaded``/``BadCut``."""
+        assert req.budget_ms is not None
+        spec = route(view, req.model, req.cut, req.budget_ms)
+        if self.shedding:
+            decision = self.policy.admit(spec.id, req.budget_ms)
+            if decision.shed:
+                self.stats.record_shed(req.model, req.cut, req.budget_ms)
+                raise Overloaded(
+                    f"group {spec.id} has {self.backlogs.backlog(spec.id)} requests queued "
+                    f"(≈{decision.wait_ms:.0f} ms wait + {spec.latency_ms:.0f} ms batch ≥ "
+                    f"budget {req.budget_ms:.0f} ms)",
+                    retry_after_ms=decision.retry_after_ms, group=spec.id)
+        req.received = received
+        req.deadline = received + req.budget_ms / 1000.0
+        pipe.xadd(view.stream(spec.id), {keys.FIELD: wire.encode_request(req)},
+                  maxlen=self.settings.stream_maxlen, approximate=True)
+
+    async def _refuse(self, pipe: Any, view: PlanView, entry: Entry, exc: Exception, received: float,
+                      refused: list[tuple[str, wire.Reply]], malformed: list[tuple[Entry, GraftError]], *,
+                      blob: bool | None = None) -> None:
+        """Queue the error reply of a refused entry (and the deletion of its blob), or mark it malformed."""
+        err = exc if isinstance(exc, GraftError) else InternalError(f"ingress failed: {exc!r}")
+        if not isinstance(exc, GraftError):
+            log.error(Event.REQUEST_REJECTED, ingress=self.name, entry_id=entry.id, exc_info=exc)
+        ids = answerable_ids(entry.payload)
+        if ids is None:
+            malformed.append((entry, err))
+            return
+        req_id, client = ids
+        rep = wire.Reply.failure(req_id, err, server_ms=(time.time() - received) * 1000.0, epoch=view.epoch)
+        refused.append((client, rep))
+        await self.replies.add(pipe, client, rep)
+        if blob if blob is not None else wire.peek_blob(entry.payload):
+            pipe.delete(keys.blob(req_id))
+        if not isinstance(err, Overloaded):
+            self.stats.record_rejected(str(err.code))
 
     async def _after(self, view: PlanView, routed: list[tuple[wire.Request, int]],
                      refused: list[tuple[str, wire.Reply]], malformed: list[tuple[Entry, GraftError]],
@@ -275,6 +317,9 @@ class IngressService:
                 (req.client, wire.Reply.failure(req.req_id, InternalError(f"routing failed: {res}"),
                                                 epoch=view.epoch))
                 for req, res in failed)
+            blobs = [req.blob for req, _ in failed if req.blob is not None]
+            if blobs:
+                await self.r.delete(*blobs)
         self.routed_total += len(routed) - len(failed)
         self.replied_total += len(refused)
         _OK.inc(len(routed) - len(failed))
@@ -302,6 +347,8 @@ class IngressService:
         if ids is not None:
             epoch = self.view.epoch if self.view is not None else None
             await self.replies.send(ids[1], wire.Reply.failure(ids[0], error, epoch=epoch))
+            if wire.peek_blob(entry.payload):
+                await self.r.delete(keys.blob(ids[0]))
 
     # ------------------------------------------------------------------------------- side loops
 

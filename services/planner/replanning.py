@@ -18,7 +18,7 @@ from common.planning.place import device_kind, place
 from common.planning.policies import plan as make_plan
 from common.planning.types import Group, Plan, workload_from_dict
 from common.profiles import Profile
-from services.planner.devices import assign_devices
+from services.planner.devices import AllCpu, assign_devices
 
 GroupKey = tuple[str, tuple[int, ...]]
 
@@ -56,11 +56,12 @@ class Steering:
 
 def next_plan(profile: Profile, workload: Mapping[str, Any], *, epoch: int, rho: float, steering: Steering,
               profile_name: str, policy: str = "graft", live: Collection[str] | None = None,
-              all_cpu: bool = False, previous: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+              all_cpu: AllCpu = False, previous: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Plan ``workload`` with ``policy``, apply pins, then put the placement on live, non-drained devices.
 
     ``live``: device names live worker agents host (``None``: unknown, keep positional names);
-    ``all_cpu``: a live agent serves every ``cpuN``; ``previous``: the current plan's placement, whose
+    ``all_cpu``: the nodes where a live agent serves every ``node/cpuN`` (``True``: an agent without a
+    node serves every plain ``cpuN``); ``previous``: the current plan's placement, whose
     device choices are kept where they still work. The plan gets ``unplaced``: the devices (synthetic
     names nobody hosts) whose replicas no live device could take, ``[{"device", "replicas": count}]``.
     """

@@ -36,6 +36,7 @@ from services.lifecycle import Heartbeat
 from services.planner.devices import LiveDevices, needs_reassignment, parse_worker_status, shortfall
 from services.planner.observed import TrafficWindow, build_workload, drift, parse_stats
 from services.planner.replanning import Steering, next_plan, same_serving
+from services.planner.sweeper import sweeping
 
 BOOTSTRAP_RPS = 1.0       # nominal rate per fragment before any traffic is seen
 FLOOR_RPS = 0.05          # rate kept for cuts nobody uses, so every (model, cut) stays routable
@@ -79,7 +80,7 @@ class Planner:
         epoch = (int(self.current["epoch"]) if self.current else 0) + 1
         plan = next_plan(self.profile, workload, epoch=epoch, rho=self.settings.rho, steering=self.steering,
                          profile_name=self.profile_name, policy=self.settings.policy, live=self.devices.live,
-                         all_cpu=self.devices.all_cpu, previous=(self.current or {}).get("placement"))
+                         all_cpu=self.devices.all_cpu_nodes, previous=(self.current or {}).get("placement"))
         if not forced and self.current is not None and same_serving(self.current, plan):
             # Same groups, shares and replicas on the same devices: keep serving this epoch, only move
             # the drift baseline (and bring its unplaced report up to date with the live devices).
@@ -131,7 +132,7 @@ class Planner:
             return
         before = list(self.current.get("unplaced", []))
         now = shortfall(self.current.get("placement", []), self.devices.live, self.steering.drained,
-                        all_cpu=self.devices.all_cpu)
+                        all_cpu=self.devices.all_cpu_nodes)
         if now == before and "unplaced" in self.current:
             return
         self.current = {**self.current, "unplaced": now}
@@ -140,11 +141,11 @@ class Planner:
                           note="the stored plan has another epoch")
         self.report_unplaced(self.current, before)
 
-    async def read_worker_devices(self) -> tuple[set[str], bool]:
-        """Devices named by live worker heartbeats, and whether one of them serves every cpu device."""
+    async def read_worker_devices(self) -> tuple[set[str], set[str]]:
+        """Devices named by live worker heartbeats, and the nodes where one of them serves every cpu device."""
         names = [k async for k in self.r.scan_iter(match=keys.health_pattern("worker"), count=500)]
         seen: set[str] = set()
-        all_cpu = False
+        all_cpu: set[str] = set()
         if not names:
             return seen, all_cpu
         for raw in await self.r.mget(names):
@@ -156,7 +157,8 @@ class Planner:
                 continue  # not a heartbeat: ignore it, it says nothing about devices
             devices, whole_cpu = parse_worker_status(status)
             seen.update(devices)
-            all_cpu = all_cpu or whole_cpu
+            if whole_cpu is not None:
+                all_cpu.add(whole_cpu)
         return seen, all_cpu
 
     async def poll_devices(self, *, force: bool = False) -> bool:
@@ -180,7 +182,7 @@ class Planner:
         if self.current is None or self.devices.live is None:
             return False
         if not needs_reassignment(self.current, self.devices.live, self.steering.drained,
-                                  all_cpu=self.devices.all_cpu):
+                                  all_cpu=self.devices.all_cpu_nodes):
             return False
         before, published_at = self.current.get("epoch"), self.published_at
         # The current workload, not the observed one: the groups stay as they are and only the
@@ -277,4 +279,5 @@ async def main(settings: Settings, r: Any, stop: asyncio.Event, hb: Heartbeat) -
     for stream in (keys.STATS, keys.CONTROL):
         await ensure_group(r, stream, keys.PLANNER_GROUP, "0")
     planner = Planner(settings, r, profile, name, hb)
-    await planner.run(stop, f"planner-{hb.name}")
+    async with sweeping(r, settings, f"sweeper-{hb.name}", stop):  # answers what retired streams strand
+        await planner.run(stop, f"planner-{hb.name}")

@@ -1,6 +1,7 @@
 """``python -m services.worker [--devices auto|cpu0|gpu0,gpu1] [--name N] [--check]``: the worker agent.
 
 ``--check`` exits 0 iff this agent's heartbeat key is fresh (for container health checks), else 1.
+With ``GRAFT_NODE`` set, the devices are named on that node (``node/gpu0``, …) wherever they appear.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ log = structlog.get_logger("worker")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m services.worker", description="Graft worker agent")
     p.add_argument("--devices", default=None,
-                   help="auto (NVML, else cpu0), cpu, cuda, or a list like gpu0,gpu1 / cpu0 (default: GRAFT_DEVICE)")
+                   help="auto (NVML, else cpu0), cpu, cuda, or a list like gpu0,gpu1 / cpu0 (default: GRAFT_DEVICE); "
+                        "with GRAFT_NODE=a they are named a/gpu0, …")
     p.add_argument("--name", default=None, help="agent name in heartbeats (default: host-devices)")
     p.add_argument("--check", action="store_true", help="exit 0 iff a fresh heartbeat of this agent exists")
     return p.parse_args(argv)
@@ -64,14 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     configure(settings.log_format, settings.log_level)
     spec = args.devices or settings.device
     try:
-        found = discover(spec)
+        found = discover(spec, node=settings.node)
     except DeviceError as exc:
         log.error("bad_devices", devices=spec, error=str(exc))
         return 2
     name = args.name or default_name(found.devices)
     if args.check:
         return asyncio.run(check(settings, name))
-    log.info("devices", devices=[d.name for d in found.devices], gpus=found.gpu_count, mps=found.mps, note=found.note)
+    log.info("devices", devices=[d.name for d in found.devices], node=settings.node, gpus=found.gpu_count,
+             mps=found.mps, note=found.note)
     if any(d.is_gpu for d in found.devices) and not found.mps:
         log.warning("mps_not_running", devices=[d.name for d in found.devices],
                     consequence="GPU shares (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE) are NOT enforced: every replica "

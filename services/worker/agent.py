@@ -7,6 +7,10 @@ empty, and exit 0 by themselves (the replica watches the plan too, so there is n
 A replica that crashes is restarted with backoff while its group is in the plan — and also while it
 drains, because its pending entries would otherwise wait for a reaper that may never come. SIGTERM
 stops every child gracefully (SIGTERM, wait, SIGKILL) and the agent exits 0.
+
+Its devices live on the node ``GRAFT_NODE`` names: with a node ``a`` it serves the placements on
+``a/gpu0``, … (and in "all CPU devices" mode every ``a/cpuN`` of the plan), never another node's nor a
+plain ``gpu0``; without one it serves the plain names, as on a one-host deployment.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from common.plan_store import PlanWatcher
 from common.routing import PlanView
 from common.settings import Settings
 from common.streams import connect
-from services.worker.device import Device
+from services.worker.device import Device, DeviceError
 from services.worker.supervisor import ReplicaProcess, ReplicaSlot, State, cancel_tasks, terminate_all
 
 HEARTBEAT_S = 1.0
@@ -49,6 +53,15 @@ def default_name(devices: Sequence[Device]) -> str:
     return f"{socket.gethostname()}-{'+'.join(d.name for d in devices)}"
 
 
+def _cpu_device_of(name: str, node: str) -> Device | None:
+    """The CPU device a plan's device name denotes on ``node`` ("all CPU devices" mode adopts it), else None."""
+    try:
+        d = Device.parse(name)
+    except DeviceError:
+        return None
+    return d if d.kind == "cpu" and d.node == node and d.name == name else None
+
+
 class Agent:
     def __init__(self, settings: Settings, devices: Sequence[Device], *, name: str | None = None,
                  redis: Any | None = None, python: str = sys.executable, poll_s: float = 0.2,
@@ -57,9 +70,11 @@ class Agent:
         if not devices:
             raise ValueError("an agent needs at least one device")
         self.settings = settings
-        self.devices = {d.name: d for d in devices}
+        self.node = settings.node
+        # Every device is named on this agent's node (a DeviceError, a ValueError, for another node's).
+        self.devices = {d.name: d for d in (dev.on(self.node) for dev in devices)}
         self._all_cpu = all_cpu_devices
-        self.name = name or default_name(devices)
+        self.name = name or default_name(list(self.devices.values()))
         self._redis: Any = redis
         self._own_redis = redis is None
         self._python = python
@@ -90,8 +105,8 @@ class Agent:
         self._stop.set()
 
     def status(self) -> dict[str, Any]:
-        return {"service": "worker", "name": self.name, "host": socket.gethostname(), "pid": os.getpid(),
-                "ts": time.time(), "devices": sorted(self.devices), "all_cpu_devices": self._all_cpu,
+        return {"service": "worker", "name": self.name, "host": socket.gethostname(), "node": self.node,
+                "pid": os.getpid(), "ts": time.time(), "devices": sorted(self.devices), "all_cpu_devices": self._all_cpu,
                 "epoch": self.epoch, "mps": self._mps,
                 "metrics_port": self.health_port, "replicas": [p.describe() for p in self._procs.values()]}
 
@@ -161,8 +176,8 @@ class Agent:
         PLAN_EPOCH.labels(service="worker").set(view.epoch)
         if self._all_cpu:
             for name in view.devices():
-                if name.startswith("cpu") and name not in self.devices:
-                    self.devices[name] = Device.parse(name)
+                if name not in self.devices and (d := _cpu_device_of(name, self.node)) is not None:
+                    self.devices[name] = d
         # Older replicas are marked draining first: starting the new ones awaits process spawns, and an
         # old replica that drains meanwhile must be recognised as drained, not as an unplanned exit.
         now = time.monotonic()

@@ -1,6 +1,9 @@
 """The devices a worker agent serves, and the environment that gives a replica its share.
 
-Devices are named as the plan names them: ``gpu0``, ``gpu1``, … on GPU hosts and ``cpu0`` on a CPU host.
+Devices are named as the plan names them: ``gpu0``, ``gpu1``, … on GPU hosts and ``cpu0`` on a CPU host,
+or, when the host has a node name (``GRAFT_NODE``, needed once several hosts serve one plan),
+``{node}/gpu0``, ``{node}/cpu0``, …. The part after the slash is local to the host: ``gpuN`` is the
+host's GPU N (its CUDA/NVML index), whatever the node.
 A replica's share must be fixed *before* CUDA initialises in its process (MPS reads
 ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` once, when the context is created), which is why every replica is
 its own child process and its share travels in the environment, never through an API call.
@@ -19,7 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-_NAME = re.compile(r"^(gpu|cpu)(\d+)$")
+from common.settings import NODE_PATTERN
+
+_NAME = re.compile(rf"^(?:({NODE_PATTERN})/)?(gpu|cpu)(\d+)$")
+_NODE = re.compile(NODE_PATTERN)
 MPS_PIPE_DEFAULT = "/tmp/nvidia-mps"
 
 
@@ -30,11 +36,18 @@ class DeviceError(ValueError):
 @dataclass(frozen=True, slots=True)
 class Device:
     kind: str  # "gpu" or "cpu"
-    index: int
+    index: int  # on this host: a GPU's CUDA/NVML index
+    node: str = ""  # the host's GRAFT_NODE ("" on a one-host deployment)
+
+    @property
+    def local_name(self) -> str:
+        """``gpu1``: the name on its host, without the node."""
+        return f"{self.kind}{self.index}"
 
     @property
     def name(self) -> str:
-        return f"{self.kind}{self.index}"
+        """The name the plan uses: ``node/gpu1``, or ``gpu1`` without a node."""
+        return f"{self.node}/{self.local_name}" if self.node else self.local_name
 
     @property
     def is_gpu(self) -> bool:
@@ -47,10 +60,18 @@ class Device:
 
     @classmethod
     def parse(cls, name: str) -> Device:
+        """``gpu1``, ``cpu0``, ``node/gpu1`` or ``node/cpu0``."""
         m = _NAME.match(name.strip())
         if m is None:
-            raise DeviceError(f"device {name!r} is not of the form gpuN or cpuN")
-        return cls(m.group(1), int(m.group(2)))
+            raise DeviceError(f"device {name!r} is not of the form gpuN, cpuN, NODE/gpuN or NODE/cpuN")
+        return cls(m.group(2), int(m.group(3)), m.group(1) or "")
+
+    def on(self, node: str) -> Device:
+        """This device named on ``node`` (a device named on another node is refused)."""
+        if self.node and self.node != node:
+            raise DeviceError(f"device {self.name} is on node {self.node!r}, but this host's GRAFT_NODE is "
+                              f"{node or '(empty)'!r}")
+        return Device(self.kind, self.index, node)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,11 +111,15 @@ def mps_running(env: Mapping[str, str] | None = None) -> bool:
 
 
 def discover(spec: str = "auto", *, gpu_count: int | None = None,
-             env: Mapping[str, str] | None = None) -> Discovery:
+             env: Mapping[str, str] | None = None, node: str = "") -> Discovery:
     """Resolve ``--devices``: ``auto``, ``cpu``, ``cuda`` (every GPU) or a list like ``gpu0,gpu1`` / ``cpu0``.
 
-    ``gpu_count`` overrides the NVML probe (tests; hosts where NVML lies inside a container).
+    ``gpu_count`` overrides the NVML probe (tests; hosts where NVML lies inside a container). ``node``
+    (``GRAFT_NODE``) qualifies every device name: ``node/gpu0``; a list may name devices either way,
+    but never on another node.
     """
+    if node and not _NODE.fullmatch(node):
+        raise DeviceError(f"node name {node!r} is not valid (letters, digits, '_', '.', '-'; no '/')")
     spec = spec.strip() or "auto"
     note = "given"
     if gpu_count is None and (spec in ("auto", "cuda") or "gpu" in spec):
@@ -102,14 +127,14 @@ def discover(spec: str = "auto", *, gpu_count: int | None = None,
     count = gpu_count or 0
     mps = mps_running(env) if count else False
     if spec == "cpu":
-        return Discovery((Device("cpu", 0),), count, mps, "cpu requested")
+        return Discovery((Device("cpu", 0, node),), count, mps, "cpu requested")
     if spec in ("auto", "cuda"):
         if count:
-            return Discovery(tuple(Device("gpu", i) for i in range(count)), count, mps, note)
+            return Discovery(tuple(Device("gpu", i, node) for i in range(count)), count, mps, note)
         if spec == "cuda":
             raise DeviceError(f"--devices cuda, but no GPU is usable ({note})")
-        return Discovery((Device("cpu", 0),), 0, False, f"no GPU ({note}); serving on the CPU")
-    devices = tuple(Device.parse(n) for n in spec.split(",") if n.strip())
+        return Discovery((Device("cpu", 0, node),), 0, False, f"no GPU ({note}); serving on the CPU")
+    devices = tuple(Device.parse(n).on(node) for n in spec.split(",") if n.strip())
     if not devices:
         raise DeviceError("--devices names no device")
     if len({d.name for d in devices}) != len(devices):

@@ -8,6 +8,11 @@ drains the replica once a newer epoch has taken over, and the heartbeat. Trimmin
 
 Once a newer epoch is current the replica drains its stream and exits 0 (rule in ``drain.py``); a
 retired stream gets a TTL so it disappears once nothing can need it any more.
+
+Blob requests: whatever one read (or one reaper claim) brings in, the replica GETs the blobs of in one
+pipelined round trip before queueing the jobs (``intake.py`` says how a missing blob is answered), and
+deletes each blob in the pipeline that sends the request's reply and XACKs its entry — never before,
+so a replica restarted on its own pending entries, or a reaper that reclaims them, reads them again.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from common.routing import GroupSpec, PlanView
 from common.settings import Settings
 from common.streams import TRANSIENT, Backoff, Entry, StreamConsumer, connect, dead_letter, trim
 from services.lifecycle import run_loop
-from services.worker.device import Device
+from services.worker.device import Device, DeviceError
 from services.worker.drain import Backlog, find_plan, ingresses_past, is_drained, read_backlog, redis_now_ms
 from services.worker.intake import Intake, Job, Rejection
 from services.worker.latency import load_latency_model
@@ -260,22 +265,51 @@ class Replica:
     async def _admit(self, entries: list[Entry], *, claimed: bool = False) -> None:
         assert self.loop is not None
         now = time.time()
-        done: list[Done] = []
+        rejected: list[Rejection] = []
         expired: list[Job] = []
+        ready: list[Job] = []
         for entry in entries:
             if self.loop.holds(entry.id):
                 continue
             got = self.intake.admit(entry.id, entry.payload, now=now, deliveries=entry.deliveries)
             if isinstance(got, Rejection):
-                await self._reject(got, done)
-            elif claimed and got.deadline <= now:
-                expired.append(got)
+                rejected.append(got)
+            elif (claimed or got.needs_blob) and got.deadline <= now:
+                expired.append(got)  # a late blob request is answered without fetching its blob
             else:
-                self.loop.add(got)
+                ready.append(got)
+        blob_jobs = [j for j in ready if j.needs_blob]
+        if blob_jobs:
+            # Before anything is queued or answered: if this raises, the entries are read again.
+            fetched = await self._fetch_blobs(blob_jobs)
+            for job, data in zip(blob_jobs, fetched, strict=True):
+                if self.intake.blob_expired(job, data, now):
+                    expired.append(job)
+                    continue
+                got = self.intake.attach(job, data)
+                if isinstance(got, Rejection):
+                    rejected.append(got)
+            ready = [j for j in ready if not j.needs_blob]
+        for job in ready:
+            self.loop.add(job)
+        done: list[Done] = []
+        for rej in rejected:
+            await self._reject(rej, done)
         if done:
             await self._finish(done)
         if expired:
             await self.loop.expire(expired, now)
+
+    async def _fetch_blobs(self, jobs: list[Job]) -> list[Any]:
+        """The bytes of each job's blob (None where it is gone), in one pipelined round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job in jobs:
+                pipe.get(job.blob)
+            got: list[Any] = await pipe.execute(raise_on_error=False)
+        for res in got:
+            if isinstance(res, TRANSIENT):
+                raise res
+        return got
 
     async def _reject(self, rej: Rejection, done: list[Done]) -> None:
         log.warning(Event.MALFORMED, entry_id=rej.entry_id, req_id=rej.req_id, code=str(rej.error.code),
@@ -283,7 +317,7 @@ class Replica:
         if rej.req_id is not None and rej.client is not None:
             done.append(Done(rej.entry_id, rej.client, wire.Reply.failure(
                 rej.req_id, rej.error, server_ms=(time.time() - rej.received) * 1000.0, epoch=self.epoch,
-                group=self.group)))
+                group=self.group), rej.blob))
         else:
             await dead_letter(self._redis, self.stream, keys.WORKER_GROUP, rej.entry_id, rej.payload, rej.error,
                               consumer=self.consumer)
@@ -305,6 +339,8 @@ class Replica:
         if req_id is not None and client is not None:
             exc = error if isinstance(error, GraftError) else InternalError(str(error))
             await self.sender.send(client, wire.Reply.failure(req_id, exc, epoch=self.epoch, group=self.group))
+            if entry.payload is not None and wire.peek_blob(entry.payload):
+                await self._redis.delete(keys.blob(req_id))
 
     def _count_dead(self) -> None:
         self.dead_lettered += 1
@@ -340,8 +376,10 @@ class Replica:
     # ------------------------------------------------------------------------------------- replies
 
     async def _finish(self, done: list[Done]) -> None:
-        """Replies and XACKs of a batch in one pipelined round trip; retried, since replies are idempotent."""
+        """Replies, XACKs and blob deletions of a batch in one pipelined round trip (in that order: a blob
+        goes only after its reply and ack); retried, since replies are idempotent and DEL is too."""
         backoff = Backoff(base=0.05, cap=1.0)
+        blobs = [d.blob for d in done if d.blob is not None]
         for attempt in range(SINK_RETRIES):
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
@@ -349,6 +387,8 @@ class Replica:
                         if d.client is not None:
                             await self.sender.add(pipe, d.client, d.reply)
                     pipe.xack(self.stream, keys.WORKER_GROUP, *[d.entry_id for d in done])
+                    if blobs:
+                        pipe.delete(*blobs)
                     await pipe.execute()
                 return
             except TRANSIENT as exc:
@@ -416,7 +456,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m services.worker.replica", description=__doc__.splitlines()[0])
     p.add_argument("--epoch", type=int, required=True)
     p.add_argument("--group", required=True)
-    p.add_argument("--device", default="cpu0", help="gpuN or cpuN, as the plan names it")
+    p.add_argument("--device", default="cpu0", help="gpuN, cpuN, NODE/gpuN or NODE/cpuN, as the plan names it")
     p.add_argument("--index", type=int, default=0, help="replica index of the group on its device")
     p.add_argument("--share", type=int, default=None, help="GPU percent or CPU threads (default: the plan's)")
     p.add_argument("--metrics-port", type=int, default=0)
@@ -434,7 +474,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = Settings.from_env()
     configure(settings.log_format, settings.log_level)
-    if not args.device.startswith("gpu") and args.share:
+    try:
+        device = Device.parse(args.device)
+    except DeviceError as exc:
+        log.error("replica_config_error", error=str(exc))
+        return EXIT_CONFIG
+    if not device.is_gpu and args.share:
         # The agent sized OMP_NUM_THREADS too; set_num_threads also covers pools torch made before.
         torch.set_num_threads(max(1, args.share))
     replica = Replica(settings, epoch=args.epoch, group=args.group, device=args.device, index=args.index,
