@@ -107,26 +107,31 @@ class Validator:
         req = wire.decode_request(raw)
         if not sane_id(req.req_id) or not sane_id(req.client):
             raise InvalidRequest("req_id and client must be printable strings without whitespace")
-        meta = req.meta
-        if meta is not None and meta.nbytes > self.limits.max_tensor_bytes:
-            raise InvalidRequest(f"tensor of {meta.nbytes} bytes exceeds the limit of "
-                                 f"{self.limits.max_tensor_bytes}", size=meta.nbytes)
+        # An inline tensor is checked on the array itself (the hot path: no metadata object per request).
+        t = req.tensor
+        meta = (t.dtype.name if t.dtype != np.float32 else FLOAT32, t.shape, t.nbytes) if t is not None else (
+            None if req.blob_meta is None else (req.blob_meta.dtype, req.blob_meta.shape, req.blob_meta.nbytes))
+        if meta is not None and meta[2] > self.limits.max_tensor_bytes:
+            raise InvalidRequest(f"tensor of {meta[2]} bytes exceeds the limit of "
+                                 f"{self.limits.max_tensor_bytes}", size=meta[2])
         expected = self.catalog.cut_shape(req.model, req.cut)  # UNKNOWN_MODEL, BAD_CUT
-        self._check_tensor(req, expected)
+        self._check_tensor(req, meta, expected)
         req.budget_ms = self._budget(req)
         return req
 
-    def _check_tensor(self, req: wire.Request, expected: tuple[int, ...]) -> None:
-        meta = req.meta
+    def _check_tensor(self, req: wire.Request, meta: tuple[str, tuple[int, ...], int] | None,
+                      expected: tuple[int, ...]) -> None:
+        """``meta``: the tensor's (dtype name, shape, bytes), inline or blob."""
         if meta is None:  # decode_request never leaves both out
             raise BadTensor("request carries neither a tensor nor a blob key")
-        if meta.dtype != FLOAT32:
-            raise BadTensor(f"tensor dtype must be float32, got {meta.dtype}", expected=FLOAT32, got=meta.dtype)
-        if meta.shape != expected:
+        dtype, shape, _ = meta
+        if dtype != FLOAT32:
+            raise BadTensor(f"tensor dtype must be float32, got {dtype}", expected=FLOAT32, got=dtype)
+        if shape != expected:
             raise BadTensor(
                 f"{req.model} at cut {req.cut} expects a per-request tensor of shape {list(expected)} "
-                f"(no batch dimension), got {list(meta.shape)}",
-                expected=list(expected), got=list(meta.shape),
+                f"(no batch dimension), got {list(shape)}",
+                expected=list(expected), got=list(shape),
             )
 
     def _budget(self, req: wire.Request) -> float:
