@@ -64,6 +64,10 @@ def test_ensure_profile_measures_once_then_reuses_the_cache(cache: Path, tmp_pat
     assert cached_profile_path(SETTINGS.with_(models=("mobilenet_v2", "resnet18")), "cpu") == \
         cached_profile_path(SETTINGS.with_(models=("resnet18", "mobilenet_v2")), "cpu")
 
+    # --reprofile (refresh) measures again and replaces the cached entry.
+    again, measured = ensure_profile(SETTINGS, progress=False, refresh=True)
+    assert (again, measured) == (path, True) and path.stat().st_mtime_ns != stamp
+
     # A damaged cache entry is measured again, not trusted.
     path.write_text("{ not json")
     again, measured = ensure_profile(SETTINGS, progress=False)

@@ -4,6 +4,9 @@ Three parts, each on a private embedded Redis with real child processes (ingress
 replica processes) — only the plan is fixed by the bench (published before the services start) so
 that two policies meet exactly the same load:
 
+Each part measures this host's CPU profile afresh (plans from a cached profile would be wrong if the
+host's speed changed since it was cached).
+
 1. **routing** — requests/s one ingress process validates and routes (``services.ingress.bench``).
 2. **overhead** — 200 req/s of small tensors (mobilenet_v2's last block) for a few seconds; per reply
    the server overhead is the client's round trip minus the model compute and minus the deliberate
@@ -83,7 +86,7 @@ async def bench_routing(n: int) -> dict[str, Any]:
 
 async def bench_overhead(rate: float, duration_s: float, log_dir: Path) -> dict[str, Any]:
     settings = Settings.from_env(models=("mobilenet_v2",), resolution=32, redis_url=None, profile=None)
-    profile_path, _ = ensure_profile(settings, progress=True)
+    profile_path, _ = ensure_profile(settings, progress=True, refresh=True)
     profile = Profile.load(profile_path)
     cut = profile.model("mobilenet_v2").n_blocks - 1
     budget = 50.0
@@ -107,7 +110,7 @@ async def bench_overhead(rate: float, duration_s: float, log_dir: Path) -> dict[
 
 async def bench_policies(rate_per_cut: float, duration_s: float, log_dir: Path) -> dict[str, Any]:
     settings = Settings.from_env(models=("resnet18",), resolution=64, redis_url=None, profile=None)
-    profile_path, _ = ensure_profile(settings, progress=True)
+    profile_path, _ = ensure_profile(settings, progress=True, refresh=True)
     profile = Profile.load(profile_path)
     n_blocks = profile.model("resnet18").n_blocks
     cuts = sorted({round(i * (n_blocks - 2) / 5) for i in range(6)})

@@ -49,8 +49,8 @@ def summary_table(s: dict[str, Any]) -> Table:
 
 
 async def _up(settings: Settings, demo: bool, duration: float, devices: int, rate: float, slo: list[float],
-              trace: str | None, json_out: Path | None) -> int:
-    profile_path, measured = ensure_profile(settings, progress=True)
+              trace: str | None, json_out: Path | None, reprofile: bool = False) -> int:
+    profile_path, measured = ensure_profile(settings, progress=True, refresh=reprofile)
     console.print(f"profile: {profile_path}{' (measured now, cached)' if measured else ''}")
     log_dir = Path(".graft") / "logs" / time.strftime("%Y%m%d-%H%M%S")
     system = await start_system(settings, profile_path, log_dir=log_dir)
@@ -112,6 +112,7 @@ def up(
     slo_ms: Annotated[str, typer.Option(help="comma-separated SLOs the devices draw from (ms)")] = "250,400",
     trace: Annotated[str | None, typer.Option(help="mahimahi uplink trace for the devices (default: synthetic)")] = None,
     json_out: Annotated[Path | None, typer.Option("--json-out", help="write the demo summary as JSON")] = None,
+    reprofile: Annotated[bool, typer.Option("--reprofile", help="measure this host's profile again, replacing the cached one")] = False,
 ) -> None:
     """Start Redis (embedded if REDIS_URL is unset), planner, ingress and workers; --demo drives a load."""
     logs.configure("console", "warning")
@@ -128,7 +129,7 @@ def up(
         over["resolution"] = DEMO_RESOLUTION
     settings = Settings.from_env(**over)
     slos = [float(x) for x in slo_ms.split(",") if x.strip()]
-    code = asyncio.run(_up(settings, demo, duration, devices, rate, slos, trace, json_out))
+    code = asyncio.run(_up(settings, demo, duration, devices, rate, slos, trace, json_out, reprofile))
     raise typer.Exit(code)
 
 

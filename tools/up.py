@@ -51,13 +51,16 @@ def cached_profile_path(settings: Settings, device: str) -> Path:
     return cache_dir() / "profiles" / f"{device}-{digest}.json"
 
 
-def ensure_profile(settings: Settings, *, progress: bool = True) -> tuple[Path, bool]:
-    """Profile path for this host: given, cached, or measured now. Returns (path, measured_now)."""
+def ensure_profile(settings: Settings, *, progress: bool = True, refresh: bool = False) -> tuple[Path, bool]:
+    """Profile path for this host: given, cached, or measured now. Returns (path, measured_now).
+
+    ``refresh`` measures again even when a cached profile exists (and replaces it): a host whose speed
+    changed since (another tenant, thermal limits) would otherwise be planned from stale latencies."""
     if settings.profile:
         return Path(settings.profile), False
     device = resolve_device(settings)
     path = cached_profile_path(settings, device)
-    if path.exists():
+    if path.exists() and not refresh:
         with contextlib.suppress(Exception):
             prof = Profile.load(path)
             if set(settings.models) <= set(prof.models):
