@@ -98,6 +98,7 @@ class RedisServer:
         appendonly: bool = False,
         password: str | None = None,
         binary: str | None = None,
+        local_socket: bool = False,
     ) -> None:
         self.binary = binary or find_redis_server()
         self.port: int | None = port
@@ -106,6 +107,9 @@ class RedisServer:
         self.appendonly = appendonly
         self.password = password
         self._fixed_port = port is not None
+        # local_socket: listen on a unix socket in the server's own directory instead of TCP. Every
+        # stream hop is a wake-up through Redis; a unix socket makes each ~20% cheaper than loopback TCP.
+        self.local_socket = local_socket and unix_socket is None and port is None
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmpdir: str | None = None
         self._finalizer: weakref.finalize[[subprocess.Popen[bytes]], RedisServer] | None = None
@@ -175,6 +179,8 @@ class RedisServer:
             self.persist_dir.mkdir(parents=True, exist_ok=True)
         elif self._tmpdir is None:
             self._tmpdir = tempfile.mkdtemp(prefix="graft-redis-")
+        if self.local_socket:
+            self.unix_socket = self.dir / "redis.sock"
         # A port picked by free_port() can be taken by someone else before redis binds it; retry
         # with a fresh one then. A port the caller chose is tried once.
         attempts = 1 if (self._fixed_port or self.unix_socket is not None) else 3

@@ -49,6 +49,18 @@ def test_start_ping_stop_leaves_no_process_and_no_files() -> None:
     server.stop()  # idempotent
 
 
+def test_local_socket_serves_on_a_unix_socket_only() -> None:
+    with RedisServer(local_socket=True) as server:
+        sock = server.dir / "redis.sock"
+        assert server.url == f"unix://{sock}?db=0" and sock.is_socket() and not server.port
+        client = redis.Redis.from_url(server.url)
+        try:
+            assert client.ping() and client.config_get("port") == {"port": "0"}  # no TCP listener
+        finally:
+            client.close()
+    assert not sock.exists()
+
+
 def test_restart_on_the_same_port() -> None:
     with RedisServer() as first:
         port = first.port

@@ -75,7 +75,7 @@ async def run_fixed(settings: Settings, profile_path: Path, plan: dict[str, Any]
 async def bench_routing(n: int) -> dict[str, Any]:
     from services.ingress.bench import measure_routing_rate
 
-    with RedisServer() as server:
+    with RedisServer(local_socket=True) as server:
         rates = [await measure_routing_rate(server.url, n)]
         r = connect(server.url, settings=Settings())
         await r.flushall()

@@ -110,7 +110,7 @@ async def start_system(settings: Settings, profile_path: Path, *, log_dir: Path,
     server: RedisServer | None = None
     url = settings.redis_url
     if not url:
-        server = RedisServer(persist_dir=None).start()
+        server = RedisServer(persist_dir=None, local_socket=True).start()
         url = server.url
     try:
         await wait_for_redis(url, 10.0)

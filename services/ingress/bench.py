@@ -93,7 +93,7 @@ def main() -> None:
     from common.redis_server import RedisServer
 
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
-    with RedisServer() as server:
+    with RedisServer(local_socket=True) as server:
         rate = asyncio.run(measure_routing_rate(server.url, n))
     print(f"ingress routed {n} requests at {rate:,.0f} req/s")
 
