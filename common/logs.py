@@ -30,6 +30,7 @@ class Event(StrEnum):
     PLAN_WAITING = "plan_waiting_for_workers"
     PLAN_UNPLACED = "plan_unplaced_replicas"
     WORKER_DEVICES = "worker_devices_changed"
+    LATENCY_CALIBRATED = "latency_calibrated"
     PLAN_SWITCH_TIMEOUT = "plan_switch_timeout"
     GROUP_DRAINED = "group_drained"
     REPLICA_STARTED = "replica_started"

@@ -38,6 +38,9 @@ PLAN_EPOCH = Gauge("graft_plan_epoch", "Epoch of the plan this service runs", ["
 PLAN_UNPLACED = Gauge("graft_plan_unplaced_replicas",
                       "Replicas the current plan places on devices no live worker agent hosts (planner)",
                       registry=REGISTRY)
+LATENCY_SCALE = Gauge("graft_latency_scale",
+                      "Factor the planner multiplies a model's profile latencies by, from what replicas measure",
+                      ["model"], registry=REGISTRY)
 REPLICAS = Gauge("graft_replicas", "Replica processes running on this agent", ["device"], registry=REGISTRY)
 RECLAIMED = Counter("graft_reclaimed_total", "Entries reclaimed from dead consumers", ["group"],
                     registry=REGISTRY)

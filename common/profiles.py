@@ -8,8 +8,9 @@ largest it extrapolates the last segment. Shares are only used at grid values.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,14 @@ class ModelProfile:
         """Latency of running blocks cut..N-1 on a uniform batch of b requests."""
         return self.realigned_latency({cut: b}, share)
 
+    def scaled(self, factor: float) -> ModelProfile:
+        """A copy whose every latency is multiplied by ``factor`` (> 0); ``self`` is left as it is."""
+        if not math.isfinite(factor) or factor <= 0:
+            raise ProfileError(f"latency factor for {self.name} must be positive and finite, got {factor!r}")
+        blocks = tuple(replace(b, latency_ms=tuple(tuple(x * factor for x in row) for row in b.latency_ms))
+                       for b in self.blocks)
+        return replace(self, blocks=blocks, table=self.table * factor)
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -139,6 +148,16 @@ class Profile:
             return self.models[name]
         except KeyError:
             raise ProfileError(f"model {name!r} is not in this profile ({sorted(self.models)})") from None
+
+    def scaled(self, factors: Mapping[str, float]) -> Profile:
+        """A new profile whose latencies of each model in ``factors`` are multiplied by its factor.
+
+        Other models are shared with ``self`` (they are immutable); nothing of ``self`` is modified.
+        """
+        models = dict(self.models)
+        for name, f in factors.items():
+            models[name] = self.model(name).scaled(float(f))
+        return replace(self, models=models, meta=dict(self.meta))
 
     # ------------------------------------------------------------------------------------------ I/O
 

@@ -13,6 +13,11 @@ devices missing for ``DEVICE_GRACE_S``) or appears so that the current plan woul
 differently, it re-plans at once from the current workload, without waiting for the minimum epoch
 length. If only the ``unplaced`` report changed (an agent came up with exactly the missing device),
 the epoch is kept and the stored plan's report is updated in place.
+
+It also reads the replicas' heartbeats, and when the latency they measure for a model's groups left
+the band around what the plan assumed (``services/planner/calibration.py``), it re-plans with that
+model's profile latencies scaled by the measured ratio (after the minimum epoch length, like a
+drift). Every later plan uses the scaled profile and records the factors as ``latency_scale``.
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ from redis.exceptions import RedisError
 
 from common import keys, logs, wire
 from common.errors import InvalidRequest
-from common.metrics import PLAN_EPOCH, PLAN_UNPLACED
+from common.metrics import LATENCY_SCALE, PLAN_EPOCH, PLAN_UNPLACED
 from common.plan_store import StaleEpoch, annotate_plan, load_plan, publish_plan
 from common.profiles import Profile, ProfileError, shipped
+from common.routing import PlanView
 from common.settings import Settings
 from common.streams import StreamConsumer, ensure_group
 from services.lifecycle import Heartbeat
+from services.planner.calibration import Calibration
 from services.planner.devices import LiveDevices, needs_reassignment, parse_worker_status, shortfall
 from services.planner.observed import TrafficWindow, build_workload, drift, parse_stats
 from services.planner.replanning import Steering, next_plan, same_serving
@@ -75,16 +82,33 @@ class Planner:
         self.devices = LiveDevices(grace_s=DEVICE_GRACE_S)
         self.device_poll_s = DEVICE_POLL_S
         self._devices_read_at = float("-inf")
+        self.calibration = Calibration()
+
+    def planning_profile(self) -> Profile:
+        """The profile plans are made with: latencies scaled by the calibrated factors."""
+        applied = self.calibration.applied
+        return self.profile.scaled(applied) if applied else self.profile
+
+    def report_scale(self) -> None:
+        for model in self.served:
+            LATENCY_SCALE.labels(model).set(self.calibration.factor(model))
+        if self.hb is not None:
+            self.hb.status.update(latency_scale=dict(self.calibration.applied))
 
     async def publish(self, workload: dict[str, Any], reason: str, *, forced: bool = True) -> dict[str, Any]:
         epoch = (int(self.current["epoch"]) if self.current else 0) + 1
-        plan = next_plan(self.profile, workload, epoch=epoch, rho=self.settings.rho, steering=self.steering,
+        plan = next_plan(self.planning_profile(), workload, epoch=epoch, rho=self.settings.rho, steering=self.steering,
                          profile_name=self.profile_name, policy=self.settings.policy, live=self.devices.live,
                          all_cpu=self.devices.all_cpu_nodes, previous=(self.current or {}).get("placement"))
+        if self.calibration.applied:
+            plan["latency_scale"] = dict(self.calibration.applied)
         if not forced and self.current is not None and same_serving(self.current, plan):
             # Same groups, shares and replicas on the same devices: keep serving this epoch, only move
             # the drift baseline (and bring its unplaced report up to date with the live devices).
-            self.current = {**self.current, "workload": plan["workload"]}
+            scale = plan.get("latency_scale", {})
+            if scale != self.current.get("latency_scale", {}):  # the factors moved, the serving did not
+                await annotate_plan(self.r, int(self.current["epoch"]), {"latency_scale": scale})
+            self.current = {**self.current, "workload": plan["workload"], "latency_scale": scale}
             self.published_at = time.monotonic()
             self.log.info(logs.Event.PLAN_UNCHANGED, reason=reason, epoch=self.current["epoch"])
             await self.refresh_unplaced()
@@ -161,6 +185,42 @@ class Planner:
                 all_cpu.add(whole_cpu)
         return seen, all_cpu
 
+    async def read_replica_statuses(self) -> list[dict[str, Any]]:
+        """The decoded heartbeats of live replicas (malformed ones skipped)."""
+        names = [k async for k in self.r.scan_iter(match=keys.health_pattern("replica"), count=500)]
+        out: list[dict[str, Any]] = []
+        for raw in (await self.r.mget(names)) if names else []:
+            if raw is None:  # expired between SCAN and MGET
+                continue
+            try:
+                out.append(wire.decode_message(raw, "health"))
+            except InvalidRequest:
+                continue
+        return out
+
+    async def calibrate(self) -> bool:
+        """Re-plan with re-scaled profile latencies when replicas measure a model off the band.
+
+        Waits for the minimum epoch length like a drift. True if the epoch moved.
+        """
+        if self.current is None or time.monotonic() - self.published_at < self.settings.replan_s:
+            return False
+        view = PlanView(self.current)
+        proposal = self.calibration.decide(await self.read_replica_statuses(), view)
+        if proposal is None:
+            return False
+        before = dict(self.calibration.applied)
+        self.calibration.apply(proposal)
+        self.report_scale()
+        self.log.info(logs.Event.LATENCY_CALIBRATED, epoch=view.epoch, before=before,
+                      after=dict(self.calibration.applied))
+        workload = (self.observed_workload() if self.window.fragments(time.time())
+                    else {"fragments": list(self.current.get("workload") or [])})
+        if not workload["fragments"]:
+            workload = self.observed_workload()
+        plan = await self.publish(workload, "latency calibration", forced=False)
+        return plan.get("epoch") != view.epoch
+
     async def poll_devices(self, *, force: bool = False) -> bool:
         """Read heartbeats into the live device set, at most every ``device_poll_s``; True when it read."""
         now = time.monotonic()
@@ -196,9 +256,12 @@ class Planner:
 
     async def bootstrap(self) -> None:
         await self.poll_devices(force=True)
+        self.report_scale()
         view = await load_plan(self.r)
         if view is not None and set(self.served) <= view.models:
             self.current, self.published_at = view.raw, time.monotonic()
+            self.calibration.restore(view.raw.get("latency_scale"), self.served)
+            self.report_scale()
             PLAN_EPOCH.labels("planner").set(view.epoch)
             self.report_unplaced(view.raw)
             if self.hb is not None:
@@ -269,6 +332,7 @@ class Planner:
                 await self.maybe_replan(force=forced)
                 if polled:
                     await self.follow_devices()
+                    await self.calibrate()
             except (RedisError, ConnectionError, OSError, TimeoutError) as exc:
                 self.log.warning(logs.Event.REDIS_RECONNECT, error=repr(exc))
                 await asyncio.sleep(0.5)
