@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from common.planning import Fragment, save_workload
 from common.planning.synthetic import synthetic_profile
+from common.profiles import Profile
 from tools.cli import app
 
 runner = CliRunner()
@@ -84,3 +85,21 @@ def test_oracle_over_its_limit_fails_cleanly(tmp_path: Path) -> None:
     save_workload(workload, [Fragment(f"c{i}", "net", i % 8, 1.0, 200.0) for i in range(20)])
     res = runner.invoke(app, ["plan", "-p", str(profile), "-w", str(workload), "--policy", "oracle"])
     assert res.exit_code == 2 and "oracle" in res.output
+
+
+def test_verify_applies_the_plans_latency_scale(files: tuple[Path, Path], tmp_path: Path) -> None:
+    """A plan the live planner calibrated to measured speed is checked against the latencies it used."""
+    profile, workload = files
+    slow = tmp_path / "slow.json"
+    Profile.load(profile).scaled({"net": 2.0}).save(slow)
+    path = tmp_path / "p.json"
+    assert runner.invoke(app, ["plan", "-p", str(slow), "-w", str(workload), "--out", str(path)]).exit_code == 0
+    plan = json.loads(path.read_text())
+    args = ["plan", "verify", "--profile", str(profile), "--workload", str(workload), "--plan", str(path)]
+    unscaled = runner.invoke(app, args)
+    assert unscaled.exit_code == 1, unscaled.output  # its latency_ms are twice the file's for "net"
+    path.write_text(json.dumps({**plan, "latency_scale": {"net": 2.0}}))
+    scaled = runner.invoke(app, args)
+    assert scaled.exit_code == 0 and "latency_scale" in scaled.output and "plan OK" in scaled.output, scaled.output
+    path.write_text(json.dumps({**plan, "latency_scale": {"nope": 2.0}}))
+    assert runner.invoke(app, args).exit_code == 2

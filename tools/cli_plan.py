@@ -104,6 +104,15 @@ def verify_command(
     except PlanningError as exc:
         typer.echo(f"cannot verify: {exc}", err=True)
         raise typer.Exit(2) from None
+    scale = raw.get("latency_scale") or {}
+    if scale:
+        # A live planner calibrated this plan to measured speed: check it against the latencies it used.
+        try:
+            prof = prof.scaled({str(m): float(f) for m, f in scale.items()})
+        except (ProfileError, TypeError, ValueError) as exc:
+            typer.echo(f"cannot verify: bad latency_scale {scale!r}: {exc}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(f"profile latencies scaled by the plan's latency_scale {scale}")
     violations = verify_plan(prof, fragments, raw)
     if violations:
         for v in violations:
