@@ -13,9 +13,15 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import structlog
+from hypothesis import HealthCheck, settings
 from redis.asyncio import Redis
 
 from common.redis_server import RedisServer
+
+# Property tests judge correctness, not speed: on a loaded 2-core CI machine an example may take longer
+# than hypothesis's default 200 ms deadline, and its "too slow" health check would fail a correct test.
+settings.register_profile("graft", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("graft")
 
 
 @pytest.fixture(autouse=True)

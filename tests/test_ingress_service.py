@@ -288,11 +288,15 @@ async def test_switches_to_a_newer_plan_only_once_its_workers_read(redis: Redis,
 
 
 async def test_switches_anyway_when_no_worker_comes(redis: Redis, ingress: IngressService) -> None:
-    ingress.switch_timeout_s = 0.3
+    ingress.switch_timeout_s = 1.5  # far above the check below even on a loaded machine
     await publish_plan(redis, plan(2, [group("all", list(range(N)))]))
-    await asyncio.sleep(0.15)
+    await eventually(lambda: _waiting(ingress, 2))
     assert ingress.view is not None and ingress.view.epoch == 1
     await eventually(lambda: _epoch(ingress, 2))
+
+
+async def _waiting(service: IngressService, epoch: int) -> bool:
+    return service._waiting is not None and service._waiting.epoch == epoch
 
 
 async def _has_group(r: Redis, stream: str) -> bool:
