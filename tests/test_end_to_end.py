@@ -21,6 +21,7 @@ from common.settings import Settings
 from services.ingress.service import IngressService
 from services.worker.agent import Agent
 from services.worker.device import Device
+from tests.helpers import run_blocks
 
 RES = 32
 MODELS = ("resnet18", "mobilenet_v2")
@@ -49,14 +50,6 @@ EPOCH2 = plan(2, [group("r-lo", "resnet18", [0, 4]), group("r-hi", "resnet18", [
 @pytest.fixture(scope="module")
 def blocks() -> dict[str, list[torch.nn.Module]]:
     return {m: build_blocks(m, resolution=RES, seed=0) for m in MODELS}
-
-
-def run_blocks(blocks: list[torch.nn.Module], x: np.ndarray, start: int, end: int) -> np.ndarray:
-    with torch.inference_mode():
-        h = torch.from_numpy(x)[None]
-        for b in blocks[start:end]:
-            h = b(h)
-    return h[0].numpy().copy()
 
 
 async def serving(r: Any, consumers: Sequence[str], timeout: float = 90.0) -> None:

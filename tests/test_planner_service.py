@@ -14,6 +14,7 @@ from common.settings import Settings
 from services.planner.observed import TrafficWindow, build_workload, drift, parse_stats
 from services.planner.replanning import Steering, next_plan
 from services.planner.service import Planner
+from tests.helpers import cpu_test_profile
 
 
 def tiny_profile():
@@ -227,13 +228,9 @@ async def test_planner_places_on_live_worker_devices_and_follows_them(redis, tmp
 
 
 async def test_planner_follows_a_whole_cpu_agent_without_churn(redis) -> None:
-    from common.profiles import make_profile
     from services.planner.devices import LiveDevices
 
-    blocks = [{"name": f"b{j}", "out_bytes": 100, "flops": 10**6,
-               "latency_ms": [[1.0, 0.6], [1.5, 0.9]]} for j in range(2)]
-    prof = make_profile("measured", "cpu-test", "cpu_threads", [1, 2], [1, 2],
-                        {"m": {"input_shape": [3, 8, 8], "input_bytes": 768, "blocks": blocks}})
+    prof = cpu_test_profile()
     planner = Planner(Settings(models=("m",), replan_s=60.0, block_ms=20), redis, prof, "cpu")
     planner.devices = LiveDevices(grace_s=0.0, misses=1)
     await beat(redis, "host", ["cpu0"])  # a whole-CPU agent before it adopted the plan's other cpus
@@ -320,13 +317,9 @@ async def test_planner_places_on_the_gpus_of_two_hosts(redis) -> None:
 
 
 async def test_planner_gives_whole_cpu_agents_the_cpu_devices_of_their_nodes(redis) -> None:
-    from common.profiles import make_profile
     from services.planner.devices import LiveDevices
 
-    blocks = [{"name": f"b{j}", "out_bytes": 100, "flops": 10**6,
-               "latency_ms": [[1.0, 0.6], [1.5, 0.9]]} for j in range(2)]
-    prof = make_profile("measured", "cpu-test", "cpu_threads", [1, 2], [1, 2],
-                        {"m": {"input_shape": [3, 8, 8], "input_bytes": 768, "blocks": blocks}})
+    prof = cpu_test_profile()
     planner = Planner(Settings(models=("m",), replan_s=60.0, block_ms=20), redis, prof, "cpu")
     planner.devices = LiveDevices(grace_s=0.0, misses=1)
     await beat(redis, "ha", ["a/cpu0"], node="a", all_cpu_devices=True)

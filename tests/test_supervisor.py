@@ -8,34 +8,17 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from structlog.testing import capture_logs
 
 from common.logs import Event
+from tests.helpers import alive, until
 from tools.supervisor import ChildSpec, Supervisor, service_argv
 
 
 def py(code: str) -> list[str]:
     return [sys.executable, "-c", code]
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie, dead but not reaped yet, counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-async def until(cond: Callable[[], Any], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 # Appends its pid to $RUNS; crashes (exit 3) on its first two runs, then stays up.

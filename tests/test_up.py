@@ -18,6 +18,7 @@ from common.plan_store import load_plan, publish_plan
 from common.profiles import Profile
 from common.settings import Settings
 from common.streams import wait_for_redis
+from tests.helpers import alive
 from tools import admin
 from tools.cli import app
 from tools.supervisor import ChildSpec, Supervisor
@@ -33,14 +34,6 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("GRAFT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     return tmp_path / "cache"
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 # ------------------------------------------------------------------------------------------ profile

@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from services.worker.supervisor import (
     ReplicaSlot,
     State,
 )
+from tests.helpers import until
 
 GROUP = "g0"
 
@@ -44,13 +44,6 @@ def plan(epoch: int, replicas: int) -> dict[str, Any]:
                       {"device": "gpu0", "replicas": [{"group": GROUP, "share": 50}]}],  # another host's
         "total_share": replicas, "gpus": 0, "routes": {},
     }
-
-
-async def until(cond: Callable[[], Any], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 async def test_agent_runs_restarts_drains_and_stops_replica_processes(redis: Any, redis_url: str) -> None:

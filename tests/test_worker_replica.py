@@ -32,6 +32,7 @@ from services.worker.intake import Intake, Job, Rejection
 from services.worker.latency import LatencyModel, load_latency_model, work_units
 from services.worker.loop import BatchLoop, Done
 from services.worker.replica import Replica
+from tests.helpers import run_blocks
 
 MODEL, RES, CLIENT = "resnet18", 32, "client-1"
 CUTS = (0, 4, 8)
@@ -65,14 +66,6 @@ def settings(url: str) -> Settings:
 
 def sample(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((3, RES, RES)).astype(np.float32)
-
-
-def run_blocks(blocks: list[torch.nn.Module], x: np.ndarray, start: int, end: int) -> np.ndarray:
-    with torch.inference_mode():
-        h = torch.from_numpy(x)[None]
-        for b in blocks[start:end]:
-            h = b(h)
-    return h[0].numpy().copy()
 
 
 def request(blocks: list[torch.nn.Module], req_id: str, cut: int, seed: int, *, budget_ms: float = 5000.0,

@@ -1,0 +1,48 @@
+"""Small helpers shared by several test modules (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.profiles import Profile, make_profile
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, dead but not reaped yet, counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def until(cond: Callable[[], Any], timeout: float, what: str, *, poll_s: float = 0.02) -> None:
+    """Wait until ``cond()`` is truthy; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(poll_s)
+
+
+def run_blocks(blocks: list[torch.nn.Module], x: np.ndarray, start: int, end: int) -> np.ndarray:
+    """Blocks ``start..end-1`` on one request's tensor (batch of one), as a fresh array."""
+    with torch.inference_mode():
+        h = torch.from_numpy(x)[None]
+        for b in blocks[start:end]:
+            h = b(h)
+    return h[0].numpy().copy()
+
+
+def cpu_test_profile() -> Profile:
+    """A tiny measured-CPU profile: model ``m`` of two blocks, threads 1 and 2, batches 1 and 2."""
+    blocks = [{"name": f"b{j}", "out_bytes": 100, "flops": 10**6,
+               "latency_ms": [[1.0, 0.6], [1.5, 0.9]]} for j in range(2)]
+    return make_profile("measured", "cpu-test", "cpu_threads", [1, 2], [1, 2],
+                        {"m": {"input_shape": [3, 8, 8], "input_bytes": 768, "blocks": blocks}})
