@@ -17,10 +17,11 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from common import keys, logs, wire
+from common import logs
+from common.contract import keys, wire
 from common.metrics import HealthServer
 from common.settings import Settings
-from common.streams import connect
+from common.store.streams import connect
 
 T = TypeVar("T")
 

@@ -16,7 +16,7 @@ import structlog
 from hypothesis import HealthCheck, settings
 from redis.asyncio import Redis
 
-from common.redis_server import RedisServer
+from tools.redis_server import RedisServer
 
 # Property tests judge correctness, not speed: on a loaded 2-core CI machine an example may take longer
 # than hypothesis's default 200 ms deadline, and its "too slow" health check would fail a correct test.

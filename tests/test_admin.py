@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
-from common import keys, wire
-from common.errors import BadCut, Overloaded
-from common.plan_store import publish_plan
-from common.redis_server import free_port
-from common.streams import dead_letter, ensure_group
+from common.contract import keys, wire
+from common.contract.errors import BadCut, Overloaded
+from common.store.plan_store import publish_plan
+from common.store.streams import dead_letter, ensure_group
 from services.planner.replanning import Steering
 from tools import admin
 from tools.cli import app
+from tools.redis_server import free_port
 
 runner = CliRunner()
 

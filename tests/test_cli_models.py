@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from common.models import MODEL_NAMES, describe
+from common.model.zoo import MODEL_NAMES, describe
 from tools.cli import app
 
 runner = CliRunner()

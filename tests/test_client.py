@@ -16,15 +16,15 @@ import pytest
 import torch
 from redis.asyncio import Redis
 
-import common.client
-from common import keys, wire
-from common.client import GraftClient
-from common.errors import BadCut, BadTensor, DeadlineExceeded, Overloaded
-from common.models import describe
-from common.plan_store import publish_plan
-from common.replies import ReplySender
+import common.client.sdk
+from common.client.sdk import GraftClient
+from common.contract import keys, wire
+from common.contract.errors import BadCut, BadTensor, DeadlineExceeded, Overloaded
+from common.model.zoo import describe
 from common.settings import Settings
-from common.streams import ensure_group
+from common.store.plan_store import publish_plan
+from common.store.replies import ReplySender
+from common.store.streams import ensure_group
 from services.ingress.service import IngressService
 
 RES = 32
@@ -168,7 +168,7 @@ async def test_close_fails_waiting_submits(system: None, redis_url: str) -> None
                                            req_id="silent-2"))
     await asyncio.sleep(0.1)
     await c.close()
-    with pytest.raises(common.client.ClientClosed):
+    with pytest.raises(common.client.sdk.ClientClosed):
         await waiting
 
 
@@ -220,7 +220,7 @@ async def test_blob_ttl_covers_the_budget_and_the_threshold_can_be_off(system: N
 
 
 def readme_snippet() -> str:
-    doc = common.client.__doc__ or ""
+    doc = common.client.sdk.__doc__ or ""
     block = doc.split("Used from a plain script::", 1)[1].split("One background task", 1)[0]
     return "\n".join(line[4:] for line in block.splitlines()).strip() + "\n"
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from common.devices import (
+from common.client.phones import (
     DEVICE_CLASSES,
     DEVICES_FILE,
     device_block_latency_ms,
@@ -16,7 +16,7 @@ from common.devices import (
     devices_document,
     load_device_latencies,
 )
-from common.models import MODEL_NAMES, describe
+from common.model.zoo import MODEL_NAMES, describe
 from common.profiles import Profile, shipped
 
 

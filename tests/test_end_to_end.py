@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from common import keys
-from common.client import GraftClient
-from common.models import build_blocks
-from common.plan_store import publish_plan
+from common.client.sdk import GraftClient
+from common.contract import keys
+from common.model.zoo import build_blocks
 from common.settings import Settings
+from common.store.plan_store import publish_plan
 from services.ingress.service import IngressService
 from services.worker.agent import Agent
 from services.worker.device import Device

@@ -7,8 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from common import estimate
-from common.estimate import (
+from common.model.zoo import MODEL_NAMES, describe
+from common.profiles import Profile, shipped
+from common.profiling import estimate
+from common.profiling.estimate import (
     V100_ANCHORS,
     Anchor,
     estimate_block_latencies,
@@ -18,8 +20,6 @@ from common.estimate import (
     fit_calibration,
     model_features,
 )
-from common.models import MODEL_NAMES, describe
-from common.profiles import Profile, shipped
 
 
 @pytest.fixture(scope="module")

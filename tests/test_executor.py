@@ -13,10 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from common import executor as executor_module
-from common.errors import BadCut, BadTensor, UnknownModel
-from common.executor import FragmentRunner, Item, realigned_schedule
-from common.models import build_blocks
+from common.contract.errors import BadCut, BadTensor, UnknownModel
+from common.model import executor as executor_module
+from common.model.executor import FragmentRunner, Item, realigned_schedule
+from common.model.zoo import build_blocks
 
 TEST_RES = {"resnet18": 64, "mobilenet_v2": 64, "densenet121": 64, "inception_v3": 75, "efficientnet_b0": 64}
 

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from redis.asyncio import Redis
 
-from common import keys, wire
-from common.errors import BadCut
+from common.contract import keys, wire
+from common.contract.errors import BadCut
+from common.contract.routing import PlanView
 from common.metrics import REGISTRY
-from common.models import describe
-from common.plan_store import publish_plan
-from common.routing import PlanView
+from common.model.zoo import describe
 from common.settings import Settings
-from common.streams import list_dead_letters
+from common.store.plan_store import publish_plan
+from common.store.streams import list_dead_letters
 from services.ingress.__main__ import check
 from services.ingress.bench import measure_routing_rate
 from services.ingress.service import IngressService, route

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from redis.exceptions import ResponseError
 
-from common import keys, wire
-from common.errors import BadCut, BadTensor, ErrorCode, GraftError, InvalidRequest, UnknownModel
-from common.models import describe
+from common.contract import keys, wire
+from common.contract.errors import BadCut, BadTensor, ErrorCode, GraftError, InvalidRequest, UnknownModel
+from common.model.zoo import describe
 from services.ingress.validate import Limits, ModelCatalog, Validator, answerable_ids, blob_error, sane_id
 
 RES = 32

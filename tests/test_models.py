@@ -14,8 +14,8 @@ import torch
 import torchvision
 from torch import nn
 
-from common.errors import BadCut, UnknownModel
-from common.models import (
+from common.contract.errors import BadCut, UnknownModel
+from common.model.zoo import (
     MIN_RESOLUTION,
     MODEL_NAMES,
     build_blocks,
@@ -183,7 +183,7 @@ def test_builds_are_deterministic_and_leave_the_callers_rng_alone() -> None:
 def test_another_process_builds_bit_identical_weights() -> None:
     code = (
         "import hashlib, torch\n"
-        "from common.models import build_blocks\n"
+        "from common.model.zoo import build_blocks\n"
         "h = hashlib.sha256()\n"
         "for b in build_blocks('mobilenet_v2'):\n"
         "    for k, t in b.state_dict().items():\n"

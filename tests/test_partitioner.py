@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.devices import DEVICE_CLASSES, DeviceClass, device_profile
-from common.partitioner import CutChoice, choose_cut, cut_options
+from common.client.partitioner import CutChoice, choose_cut, cut_options
+from common.client.phones import DEVICE_CLASSES, DeviceClass, device_profile
+from common.client.traces import LinkTrace
 from common.profiles import ModelProfile, Profile, make_profile, shipped
-from common.traces import LinkTrace
 
 DEV = DeviceClass("test", gflops=10.0, block_overhead_ms=1.0)  # 1 GFLOP = 100 ms on the device
 

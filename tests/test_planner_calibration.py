@@ -8,13 +8,13 @@ import time
 import numpy as np
 import pytest
 
-from common import keys, wire
-from common.plan_store import load_plan
+from common.contract import keys, wire
+from common.contract.routing import PlanView
 from common.planning.types import workload_from_dict
 from common.planning.verify import verify_plan
 from common.profiles import ProfileError
-from common.routing import PlanView
 from common.settings import Settings
+from common.store.plan_store import load_plan
 from services.planner.calibration import Calibration, observed_ratios
 from services.planner.service import Planner
 from tests.test_planner_service import stats_msg, tiny_profile

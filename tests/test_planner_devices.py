@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.contract.routing import PlanView
 from common.planning.verify import verify_plan
-from common.routing import PlanView
 from services.planner.devices import (
     LiveDevices,
     assign_devices,

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from common import keys, wire
-from common.plan_store import load_plan
+from common.contract import keys, wire
 from common.profiles import make_profile
 from common.settings import Settings
+from common.store.plan_store import load_plan
 from services.planner.observed import TrafficWindow, build_workload, drift, parse_stats
 from services.planner.replanning import Steering, next_plan
 from services.planner.service import Planner
@@ -257,7 +257,7 @@ async def test_planner_follows_a_whole_cpu_agent_without_churn(redis) -> None:
 
 
 async def test_annotate_plan_only_touches_the_current_epoch(redis) -> None:
-    from common.plan_store import annotate_plan, publish_plan
+    from common.store.plan_store import annotate_plan, publish_plan
 
     assert await annotate_plan(redis, 1, {"unplaced": []}) is False  # no plan yet
     prof = tiny_profile()

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.errors import UnknownModel
-from common.models import describe
-from common.profiler import (
+from common.contract.errors import UnknownModel
+from common.model.zoo import describe
+from common.profiles import Profile
+from common.profiling.measure import (
     ProfilerError,
     _run_share_child,
     gpu_telemetry,
@@ -18,7 +19,6 @@ from common.profiler import (
     mps_status,
     profile_models,
 )
-from common.profiles import Profile
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
 

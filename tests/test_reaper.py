@@ -7,12 +7,12 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from common import redis_server as rs
-from common import streams
-from common.errors import ErrorCode, GraftError
-from common.reaper import Reaper
-from common.streams import Entry, StreamConsumer
+from common.contract.errors import ErrorCode, GraftError
+from common.store import streams
+from common.store.reaper import Reaper
+from common.store.streams import Entry, StreamConsumer
 from tests.test_streams import eventually
+from tools import redis_server as rs
 
 S, G = "graft:test:group", "workers"
 IDLE_MS = 40

@@ -12,8 +12,8 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from common import redis_server as rs
-from common.redis_server import RedisServer, RedisServerError, find_redis_server
+from tools import redis_server as rs
+from tools.redis_server import RedisServer, RedisServerError, find_redis_server
 
 
 def _ping(url: str) -> bool:

@@ -12,11 +12,12 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from common import keys, streams, wire
-from common.errors import BadTensor, ErrorCode
-from common.redis_server import RedisServer
+from common.contract import keys, wire
+from common.contract.errors import BadTensor, ErrorCode
 from common.settings import Settings, SettingsError
-from common.streams import Entry, StreamConsumer
+from common.store import streams
+from common.store.streams import Entry, StreamConsumer
+from tools.redis_server import RedisServer
 
 S, G = "graft:test:s", "g"
 
@@ -194,7 +195,7 @@ def test_consumer_names_are_stable_and_distinct_per_replica() -> None:
 
 async def test_wait_for_redis(redis_url: str) -> None:
     await streams.wait_for_redis(redis_url, timeout=2)
-    from common.redis_server import free_port
+    from tools.redis_server import free_port
     t0 = time.monotonic()
     with pytest.raises(TimeoutError, match="did not answer"):
         await streams.wait_for_redis(f"redis://127.0.0.1:{free_port()}/0", timeout=0.3)

@@ -11,12 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from common import keys, wire
-from common.errors import ErrorCode
+from common.contract import keys, wire
+from common.contract.errors import ErrorCode
 from common.metrics import REGISTRY
-from common.plan_store import load_plan, publish_plan
 from common.settings import Settings
-from common.streams import ensure_group, list_dead_letters
+from common.store.plan_store import load_plan, publish_plan
+from common.store.streams import ensure_group, list_dead_letters
 from services.planner.sweeper import MIN_IDLE_GRACE_S, RetiredStreamSweeper
 
 CLIENT = "client-1"

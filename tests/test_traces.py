@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.traces import PACKET_BYTES, LinkTrace, TraceError, shared_traces_dir
+from common.client.traces import PACKET_BYTES, LinkTrace, TraceError, shared_traces_dir
 
 MTU_BITS = PACKET_BYTES * 8
 

@@ -13,11 +13,11 @@ import pytest
 from redis.asyncio import Redis
 from typer.testing import CliRunner
 
-from common import keys, wire
-from common.plan_store import load_plan, publish_plan
+from common.contract import keys, wire
 from common.profiles import Profile
 from common.settings import Settings
-from common.streams import wait_for_redis
+from common.store.plan_store import load_plan, publish_plan
+from common.store.streams import wait_for_redis
 from tests.helpers import alive
 from tools import admin
 from tools.cli import app

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from common import keys, wire
-from common.errors import BadTensor, ErrorCode, InvalidRequest, Overloaded, error_for_code
+from common.contract import keys, wire
+from common.contract.errors import BadTensor, ErrorCode, InvalidRequest, Overloaded, error_for_code
 
 DTYPES = ["float32", "float16", "float64", "int64", "int32", "uint8"]
 

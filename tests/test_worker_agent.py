@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from common import keys, wire
+from common.contract import keys, wire
 from common.logs import Event
-from common.plan_store import publish_plan
 from common.settings import Settings
+from common.store.plan_store import publish_plan
 from services.worker.__main__ import main as worker_main
 from services.worker.agent import Agent
 from services.worker.device import Device

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common import keys, wire
+from common.contract import keys, wire
 from services.worker.drain import ingresses_past
 
 

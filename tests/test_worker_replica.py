@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 import torch
 
-from common import keys, wire
-from common.errors import ErrorCode
+from common.contract import keys, wire
+from common.contract.errors import ErrorCode
+from common.contract.routing import GroupSpec, PlanView
 from common.metrics import REGISTRY, http_get
-from common.models import build_blocks, describe
-from common.plan_store import publish_plan
+from common.model.zoo import build_blocks, describe
 from common.profiles import make_profile
-from common.routing import GroupSpec, PlanView
 from common.settings import Settings
-from common.streams import ensure_group, list_dead_letters
+from common.store.plan_store import publish_plan
+from common.store.streams import ensure_group, list_dead_letters
 from services.worker.drain import Backlog, find_plan, is_drained
 from services.worker.intake import Intake, Job, Rejection
 from services.worker.latency import LatencyModel, load_latency_model, work_units

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from common.devices import DEVICE_CLASSES
-from common.partitioner import choose_cut
+from common.client.partitioner import choose_cut
+from common.client.phones import DEVICE_CLASSES
+from common.client.traces import LinkTrace
+from common.client.workload import clients_to_workload, emulate_clients
 from common.planning import load_workload, plan, verify_plan
 from common.profiles import Profile, shipped
-from common.traces import LinkTrace
-from common.workload import clients_to_workload, emulate_clients
 from tools.cli import app
 
 PROFILE = Profile.load(shipped("v100-estimated"))

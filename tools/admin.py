@@ -8,10 +8,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from common import keys, wire
-from common.errors import InvalidRequest
-from common.plan_store import load_plan, plan_history
-from common.routing import PlanView
+from common.contract import keys, wire
+from common.contract.errors import InvalidRequest
+from common.contract.routing import PlanView
+from common.store.plan_store import load_plan, plan_history
 
 CONTROL_MAXLEN = 1000
 

@@ -1,6 +1,6 @@
 """``graft bench plan``: the planner suite — resource efficiency of graft against per-cut and oracle, and speed.
 
-Workloads come from emulated clients (``common.workload``): each client draws a registry model, a
+Workloads come from emulated clients (``common.client.workload``): each client draws a registry model, a
 device class (low/mid/high), an SLO from {100, 200, 400} ms, a frame rate, and a 2 s window at a
 random time on one of the uplink traces in ``../shared/traces`` (``GRAFT_TRACES_DIR`` overrides);
 the partitioner picks its cut and server budget, and clients no cut can serve are rejected. The
@@ -32,10 +32,10 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from common.client.traces import LinkTrace, shared_traces_dir
+from common.client.workload import clients_to_workload, emulate_clients
 from common.planning import Fragment, Plan, plan, verify_plan
 from common.profiles import Profile, shipped
-from common.traces import LinkTrace, shared_traces_dir
-from common.workload import clients_to_workload, emulate_clients
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SLOS_MS = (100.0, 200.0, 400.0)

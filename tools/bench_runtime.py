@@ -28,16 +28,16 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from common.plan_store import publish_plan
 from common.planning.policies import plan as make_plan
 from common.planning.types import Fragment
 from common.profiles import Profile
-from common.redis_server import RedisServer
 from common.settings import Settings
-from common.streams import connect
+from common.store.plan_store import publish_plan
+from common.store.streams import connect
 from services.lifecycle import run_loop
 from tools.console import make_console
 from tools.loadgen import EmulatedDevice, LoadReport, run_load
+from tools.redis_server import RedisServer
 from tools.up import ensure_profile, start_system, wait_ready
 
 console = make_console()

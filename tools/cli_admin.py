@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from common.settings import Settings, SettingsError
-from common.streams import connect
+from common.store.streams import connect
 from tools import admin
 from tools.console import make_console
 

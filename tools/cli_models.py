@@ -8,8 +8,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from common.errors import UnknownModel
-from common.models import MODEL_NAMES, ModelInfo, describe, resolve_resolution
+from common.contract.errors import UnknownModel
+from common.model.zoo import MODEL_NAMES, ModelInfo, describe, resolve_resolution
 from tools.console import make_console
 
 

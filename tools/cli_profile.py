@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from common.errors import GraftError
+from common.contract.errors import GraftError
 from common.profiles import Profile, ProfileError
 from tools.console import make_console
 
@@ -88,15 +88,15 @@ def profile(
     res = resolution or None
     try:
         if devices:
-            from common.devices import devices_document
+            from common.client.phones import devices_document
 
             doc = devices_document(model or None, res)
             out.write_text(dump_compact(doc))
             console.print(devices_table(doc))
         else:
             if estimate_gpu:
-                from common.estimate import BATCHES, SHARES, estimate_profile
-                from common.models import MODEL_NAMES
+                from common.model.zoo import MODEL_NAMES
+                from common.profiling.estimate import BATCHES, SHARES, estimate_profile
 
                 prof = estimate_profile(model or MODEL_NAMES, gpu=estimate_gpu, resolution=res,
                                         batches=_ints(batches, "--batches") or BATCHES,
@@ -109,7 +109,7 @@ def profile(
                     raise typer.BadParameter("give --model (repeatable) to measure, or --estimate-gpu / --devices")
                 import torch
 
-                from common.profiler import mps_status, profile_models
+                from common.profiling.measure import mps_status, profile_models
 
                 if device == "cuda" and torch.cuda.is_available() and not (mps := mps_status()).running:
                     console.print(f"[yellow]warning:[/] {mps.detail}")

@@ -13,10 +13,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from common import logs
-from common.plan_store import load_plan
 from common.profiles import Profile
 from common.settings import Settings
-from common.streams import connect
+from common.store.plan_store import load_plan
+from common.store.streams import connect
 from tools.cli_admin import plan_table
 from tools.console import make_console
 from tools.loadgen import emulate_devices, run_load

@@ -17,9 +17,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from common.client.traces import LinkTrace, TraceError
+from common.client.workload import clients_to_workload, emulate_clients
 from common.planning import save_workload
-from common.traces import LinkTrace, TraceError
-from common.workload import clients_to_workload, emulate_clients
 from tools.cli_plan import load_profile
 from tools.console import make_console
 

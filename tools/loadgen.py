@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from common import models as registry
-from common.client import GraftClient
+from common.client.sdk import GraftClient
+from common.model import zoo as registry
 from common.profiles import Profile
 
 
@@ -95,9 +95,9 @@ def emulate_devices(profile: Profile, model_names: Sequence[str], n: int, *, slo
                     rate_rps: float, seed: int = 0, trace_path: str | Path | None = None,
                     mean_mbps: float = 8.0) -> tuple[list[EmulatedDevice], int]:
     """Devices whose cut and budget come from the partitioner; returns (devices, how many had no feasible cut)."""
-    from common.devices import DEVICE_CLASSES
-    from common.partitioner import choose_cut
-    from common.traces import LinkTrace
+    from common.client.partitioner import choose_cut
+    from common.client.phones import DEVICE_CLASSES
+    from common.client.traces import LinkTrace
 
     rng = random.Random(seed)
     trace = (LinkTrace.from_mahimahi(trace_path) if trace_path

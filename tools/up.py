@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import keys, wire
-from common.errors import InvalidRequest
-from common.plan_store import load_plan
+from common.contract import keys, wire
+from common.contract.errors import InvalidRequest
 from common.profiles import Profile
-from common.redis_server import RedisServer
 from common.settings import Settings
-from common.streams import connect, wait_for_redis
+from common.store.plan_store import load_plan
+from common.store.streams import connect, wait_for_redis
+from tools.redis_server import RedisServer
 from tools.supervisor import ChildSpec, Supervisor, service_argv
 
 ENV_CACHE_DIR = "GRAFT_CACHE_DIR"
@@ -65,7 +65,7 @@ def ensure_profile(settings: Settings, *, progress: bool = True, refresh: bool =
             prof = Profile.load(path)
             if set(settings.models) <= set(prof.models):
                 return path, False
-    from common.profiler import profile_models
+    from common.profiling.measure import profile_models
 
     path.parent.mkdir(parents=True, exist_ok=True)
     shares: tuple[int, ...] = (1,) if device == "cpu" else tuple(range(10, 101, 10))

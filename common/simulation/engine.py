@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from common.batching import BatchPolicy, EdfQueue, Pending, ProfileLatency
+from common.contract.routing import GroupSpec
 from common.planning.types import Fragment, PlanningError, workload_from_dict
 from common.profiles import Profile, ProfileError
-from common.routing import GroupSpec
 from common.simulation.report import GroupReport, SimReport, Tally
 from common.simulation.traffic import SimulationError, arrival_times, assign
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from common.routing import GroupSpec
+from common.contract.routing import GroupSpec
 from common.simulation.traffic import Unserved
 
 

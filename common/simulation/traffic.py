@@ -2,7 +2,7 @@
 
 A fragment goes to the group whose ``fragments`` lists its id (the planner's intent); failing that, to
 the plan's ``routes`` hint for its ``(model, cut)`` and budget; failing that, to the group ingress would
-pick from the groups' cuts (:meth:`common.routing.PlanView.route`). A fragment the plan lists as
+pick from the groups' cuts (:meth:`common.contract.routing.PlanView.route`). A fragment the plan lists as
 infeasible is not simulated, nor is one no group serves: both are reported as unserved.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from common.contract.routing import GroupSpec, PlanView
 from common.planning.types import Fragment
-from common.routing import GroupSpec, PlanView
 
 ARRIVALS = ("poisson", "uniform")
 _ALIASES = {"periodic": "uniform"}

@@ -4,7 +4,7 @@ The stream protocol, for producers written in any language
 ==========================================================
 
 Everything is Redis Streams and msgpack; every stream entry has exactly one field, ``m``, holding a
-msgpack map (the *envelope*). Python producers use ``common.client.GraftClient`` instead.
+msgpack map (the *envelope*). Python producers use ``common.client.sdk.GraftClient`` instead.
 
 1. Submitting a request
 -----------------------
@@ -24,7 +24,7 @@ msgpack map (the *envelope*). Python producers use ``common.client.GraftClient``
 Strings are msgpack ``str``, tensor data is msgpack ``bin``; absent optional fields may be nil. The
 tensor is ONE request's tensor, without a batch dimension: its shape must equal the shape the model
 produces before block ``cut`` at the served resolution
-(``common.models.describe(model, resolution).cut_shape(cut)``). Only float32 is accepted.
+(``common.model.zoo.describe(model, resolution).cut_shape(cut)``). Only float32 is accepted.
 The budget must be finite, > 0 and at most ``GRAFT_MAX_SLO_MS``; the tensor at most
 ``GRAFT_MAX_TENSOR_BYTES``. ``deadline``/``received`` are set by the ingress; values you send are
 overwritten (``deadline = ingress receive time + budget_ms``, on the server's clock).

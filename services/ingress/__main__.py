@@ -14,11 +14,12 @@ import sys
 import time
 from typing import Any
 
-from common import keys, logs, wire
-from common.errors import InvalidRequest
+from common import logs
+from common.contract import keys, wire
+from common.contract.errors import InvalidRequest
 from common.metrics import HealthServer
 from common.settings import Settings
-from common.streams import TRANSIENT, connect
+from common.store.streams import TRANSIENT, connect
 from services.ingress.service import HEARTBEAT_TTL_S, SERVICE, IngressService
 from services.lifecycle import run_loop
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from common import keys
+from common.contract import keys
 
 
 def _name(raw: Any) -> str:

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from common import keys, wire
-from common.models import describe
-from common.plan_store import publish_plan
+from common.contract import keys, wire
+from common.model.zoo import describe
 from common.settings import Settings
-from common.streams import connect, ensure_group
+from common.store.plan_store import publish_plan
+from common.store.streams import connect, ensure_group
 from services.ingress.service import IngressService
 
 BENCH_MODEL = "resnet18"
@@ -90,7 +90,7 @@ async def measure_routing_rate(redis_url: str, n: int = 20_000, *, count: int = 
 def main() -> None:
     import sys
 
-    from common.redis_server import RedisServer
+    from tools.redis_server import RedisServer
 
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
     with RedisServer(local_socket=True) as server:

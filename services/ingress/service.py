@@ -26,16 +26,17 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from common import keys, logs, wire
-from common.errors import GraftError, InternalError, Overloaded
+from common import logs
+from common.contract import keys, wire
+from common.contract.errors import GraftError, InternalError, Overloaded
+from common.contract.routing import GroupSpec, PlanView
 from common.logs import Event
 from common.metrics import PLAN_EPOCH, QUEUE_LAG, REQUESTS, STAGE_MS
-from common.plan_store import PlanWatcher
-from common.reaper import Reaper
-from common.replies import ReplySender
-from common.routing import GroupSpec, PlanView
 from common.settings import Settings
-from common.streams import (
+from common.store.plan_store import PlanWatcher
+from common.store.reaper import Reaper
+from common.store.replies import ReplySender
+from common.store.streams import (
     TRANSIENT,
     Backoff,
     Entry,

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import wire
-from common.errors import BadTensor, InvalidRequest, UnknownModel
-from common.models import ModelInfo, describe
+from common.contract import wire
+from common.contract.errors import BadTensor, InvalidRequest, UnknownModel
+from common.model.zoo import ModelInfo, describe
 
 # Envelope fields besides the tensor bytes (ids, model, numbers, msgpack framing) stay far below this.
 ENVELOPE_SLACK_BYTES = 64 * 1024

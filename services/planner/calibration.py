@@ -23,7 +23,7 @@ import statistics
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from common.routing import PlanView
+from common.contract.routing import PlanView
 
 MIN_BATCHES = 20
 BAND = 1.25

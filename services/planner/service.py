@@ -30,14 +30,15 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from common import keys, logs, wire
-from common.errors import InvalidRequest
+from common import logs
+from common.contract import keys, wire
+from common.contract.errors import InvalidRequest
+from common.contract.routing import PlanView
 from common.metrics import LATENCY_SCALE, PLAN_EPOCH, PLAN_UNPLACED
-from common.plan_store import StaleEpoch, annotate_plan, load_plan, publish_plan
 from common.profiles import Profile, ProfileError, shipped
-from common.routing import PlanView
 from common.settings import Settings
-from common.streams import StreamConsumer, ensure_group
+from common.store.plan_store import StaleEpoch, annotate_plan, load_plan, publish_plan
+from common.store.streams import StreamConsumer, ensure_group
 from services.lifecycle import Heartbeat
 from services.planner.calibration import Calibration
 from services.planner.devices import LiveDevices, needs_reassignment, parse_worker_status, shortfall

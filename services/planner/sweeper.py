@@ -18,7 +18,7 @@ Every ``interval_s`` one pass:
    (default ``max(2 × worst batch time, 10 s)``, the worst batch time being the largest ``latency_ms``
    of the retired group and of the current plan's groups);
 4. sweeps the rest (*abandoned*): pending entries idle longer than the idle grace are XAUTOCLAIMed
-   (``common.reaper.Reaper``: cursor followed, deleted entries acked on Redis 6.2 and 7, poison
+   (``common.store.reaper.Reaper``: cursor followed, deleted entries acked on Redis 6.2 and 7, poison
    dead-lettered), then own pending and undelivered entries are read (``StreamConsumer``). Each entry
    is decoded: malformed → dead letter (and an error reply when its ids can be read); deadline passed
    → ``DEADLINE_EXCEEDED``; model not in the current plan → ``UNKNOWN_MODEL``; no group for its cut →
@@ -46,15 +46,31 @@ from typing import Any
 
 from redis.exceptions import ResponseError, WatchError
 
-from common import keys, logs, wire
-from common.errors import BadCut, DeadlineExceeded, GraftError, InternalError, InvalidRequest, UnknownModel
+from common import logs
+from common.contract import keys, wire
+from common.contract.errors import (
+    BadCut,
+    DeadlineExceeded,
+    GraftError,
+    InternalError,
+    InvalidRequest,
+    UnknownModel,
+)
+from common.contract.routing import PlanView
 from common.metrics import SWEPT
-from common.plan_store import load_plan
-from common.reaper import Reaper
-from common.replies import ReplySender
-from common.routing import PlanView
 from common.settings import Settings
-from common.streams import REDIS_DOWN, TRANSIENT, Backoff, Entry, StreamConsumer, dead_letter, ensure_group
+from common.store.plan_store import load_plan
+from common.store.reaper import Reaper
+from common.store.replies import ReplySender
+from common.store.streams import (
+    REDIS_DOWN,
+    TRANSIENT,
+    Backoff,
+    Entry,
+    StreamConsumer,
+    dead_letter,
+    ensure_group,
+)
 from services.worker.drain import find_plan, read_backlog
 
 log = logs.get_logger("graft.planner.sweeper")

@@ -13,10 +13,10 @@ import sys
 
 import structlog
 
-from common import keys
+from common.contract import keys
 from common.logs import configure
 from common.settings import Settings, SettingsError
-from common.streams import TRANSIENT, connect
+from common.store.streams import TRANSIENT, connect
 from services.worker.agent import Agent, default_name
 from services.worker.device import DeviceError, discover
 

@@ -28,13 +28,13 @@ from typing import Any
 import structlog
 from redis.exceptions import RedisError
 
-from common import keys, wire
+from common.contract import keys, wire
+from common.contract.routing import PlanView
 from common.logs import Event
 from common.metrics import PLAN_EPOCH, REPLICAS, HealthServer
-from common.plan_store import PlanWatcher
-from common.routing import PlanView
 from common.settings import Settings
-from common.streams import connect
+from common.store.plan_store import PlanWatcher
+from common.store.streams import connect
 from services.worker.device import Device, DeviceError
 from services.worker.supervisor import ReplicaProcess, ReplicaSlot, State, cancel_tasks, terminate_all
 

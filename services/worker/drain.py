@@ -21,10 +21,10 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any
 
-from common import keys, wire
-from common.errors import GraftError
-from common.plan_store import load_plan
-from common.routing import PlanView
+from common.contract import keys, wire
+from common.contract.errors import GraftError
+from common.contract.routing import PlanView
+from common.store.plan_store import load_plan
 
 
 async def find_plan(r: Any, epoch: int, *, page: int = 100) -> PlanView | None:

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import wire
 from common.batching import Pending
-from common.errors import BadCut, BadTensor, GraftError, InvalidRequest
-from common.models import ModelInfo
-from common.routing import GroupSpec
+from common.contract import wire
+from common.contract.errors import BadCut, BadTensor, GraftError, InvalidRequest
+from common.contract.routing import GroupSpec
+from common.model.zoo import ModelInfo
 
 
 @dataclass(slots=True)

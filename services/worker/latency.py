@@ -23,8 +23,8 @@ from pathlib import Path
 
 import structlog
 
+from common.contract.routing import GroupSpec, PlanView
 from common.profiles import ModelProfile, Profile, ProfileError, shipped
-from common.routing import GroupSpec, PlanView
 from common.settings import Settings
 
 log = structlog.get_logger("worker.latency")

@@ -23,9 +23,9 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from common import wire
 from common.batching import BatchPolicy, EdfQueue, Pending
-from common.errors import DeadlineExceeded, GraftError, InternalError
+from common.contract import wire
+from common.contract.errors import DeadlineExceeded, GraftError, InternalError
 from common.logs import Event
 from common.metrics import BATCH_SIZE, REQUESTS, SLO, STAGE_MS
 from services.worker.intake import Job

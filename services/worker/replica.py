@@ -31,17 +31,17 @@ import numpy as np
 import structlog
 import torch
 
-from common import keys, wire
-from common.errors import GraftError, InternalError
-from common.executor import FragmentRunner
+from common.contract import keys, wire
+from common.contract.errors import GraftError, InternalError
+from common.contract.routing import GroupSpec, PlanView
 from common.logs import Event, bind, configure
 from common.metrics import DEAD_LETTERS, PLAN_EPOCH, QUEUE_LAG, RECLAIMED, HealthServer
-from common.plan_store import load_plan
-from common.reaper import Reaper
-from common.replies import ReplySender
-from common.routing import GroupSpec, PlanView
+from common.model.executor import FragmentRunner
 from common.settings import Settings
-from common.streams import TRANSIENT, Backoff, Entry, StreamConsumer, connect, dead_letter, trim
+from common.store.plan_store import load_plan
+from common.store.reaper import Reaper
+from common.store.replies import ReplySender
+from common.store.streams import TRANSIENT, Backoff, Entry, StreamConsumer, connect, dead_letter, trim
 from services.lifecycle import run_loop
 from services.worker.device import Device, DeviceError
 from services.worker.drain import Backlog, find_plan, ingresses_past, is_drained, read_backlog, redis_now_ms

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.efficientnet import MBConv
 
-from common.errors import BadCut, UnknownModel
+from common.contract.errors import BadCut, UnknownModel
 
 MODEL_NAMES: tuple[str, ...] = (
     "resnet50", "vgg16", "vgg19", "alexnet", "mobilenet_v2", "inception_v3", "densenet121",

@@ -36,7 +36,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from common.models import MODEL_NAMES, describe, split_model, torchvision_reference
+from common.model.zoo import MODEL_NAMES, describe, split_model, torchvision_reference
 from common.profiles import Profile, make_profile
 
 Floats = npt.NDArray[np.float64]

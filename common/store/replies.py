@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from common import keys, wire
+from common.contract import keys, wire
 
 # KEYS[1] = replied marker, KEYS[2] = reply stream; ARGV = ttl_s, payload, maxlen
 _SEND = """

@@ -23,10 +23,10 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from common import keys
-from common.errors import InvalidRequest
+from common.contract import keys
+from common.contract.errors import InvalidRequest
 from common.logs import Event, get_logger
-from common.streams import (
+from common.store.streams import (
     DEAD_LETTER_MAXLEN,
     REDIS_DOWN,
     TRANSIENT,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from common.devices import DeviceClass, device_profile
+from common.client.phones import DeviceClass, device_profile
 from common.profiles import ModelProfile
 
 Mode = Literal["latency", "energy"]

@@ -5,7 +5,7 @@ uplink. ``emulate_clients`` draws clients reproducibly from a seed: model, devic
 rate uniformly from the lists given, and a point in time on one of the uplink traces; the bandwidth
 the client plans with is the trace's capacity over the window starting there (a few seconds of a
 real drive, so clients on the same trace see different links). ``clients_to_workload`` runs the
-partitioner (``common.partitioner.choose_cut``) for each client: the chosen cut and the budget it
+partitioner (``common.client.partitioner.choose_cut``) for each client: the chosen cut and the budget it
 leaves the server become one fragment with the client's frame rate as its rate. Clients keep their
 own ids; merging identical ``(model, cut)`` fragments is the planner's job. A client for which no cut
 leaves the server enough time is rejected with the reason, never silently dropped.
@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from common.devices import DEVICE_CLASSES
-from common.partitioner import Mode, choose_cut
+from common.client.partitioner import Mode, choose_cut
+from common.client.phones import DEVICE_CLASSES
+from common.client.traces import LinkTrace
 from common.planning.types import Fragment
 from common.profiles import Profile
-from common.traces import LinkTrace
 
 BANDWIDTH_WINDOW_S = 2.0
 
@@ -32,7 +32,7 @@ BANDWIDTH_WINDOW_S = 2.0
 class Client:
     id: str
     model: str
-    device: str  # a device class name (common.devices.DEVICE_CLASSES)
+    device: str  # a device class name (common.client.phones.DEVICE_CLASSES)
     slo_ms: float
     fps: float
     bandwidth_bps: float

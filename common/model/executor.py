@@ -22,8 +22,8 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from common.errors import BadCut, BadTensor
-from common.models import ModelInfo, build_blocks, describe
+from common.contract.errors import BadCut, BadTensor
+from common.model.zoo import ModelInfo, build_blocks, describe
 
 Item: TypeAlias = tuple[int, torch.Tensor | npt.NDArray[Any]]
 

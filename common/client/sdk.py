@@ -45,11 +45,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from common import keys, wire
-from common.errors import GraftError, error_for_code
+from common.contract import keys, wire
+from common.contract.errors import GraftError, error_for_code
 from common.logs import Event, get_logger
 from common.settings import Settings
-from common.streams import TRANSIENT, Backoff, block_below_timeout, connect
+from common.store.streams import TRANSIENT, Backoff, block_below_timeout, connect
 
 if TYPE_CHECKING:
     import torch

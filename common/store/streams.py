@@ -32,8 +32,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from common import keys
-from common.errors import GraftError, InternalError, InvalidRequest
+from common.contract import keys
+from common.contract.errors import GraftError, InternalError, InvalidRequest
 from common.logs import Event, get_logger
 from common.settings import Settings
 

@@ -1,6 +1,6 @@
 """The wire contract: a versioned msgpack envelope carrying requests, replies and plans.
 
-Every stream entry has one field, ``m`` (see ``common.keys.FIELD``), holding ``packb(envelope)``::
+Every stream entry has one field, ``m`` (see ``common.contract.keys.FIELD``), holding ``packb(envelope)``::
 
     {"v": 1, "kind": "request", "req_id": str, "client": str, "model": str, "cut": int,
      "tensor": {"dtype": "float32", "shape": [1, 64, 56, 56], "data": <bytes> | None},
@@ -39,8 +39,8 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from common import keys
-from common.errors import BadTensor, ErrorCode, GraftError, InvalidRequest
+from common.contract import keys
+from common.contract.errors import BadTensor, ErrorCode, GraftError, InvalidRequest
 
 VERSION = 1
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from redis.exceptions import WatchError
 
-from common import keys, wire
-from common.routing import PlanView
+from common.contract import keys, wire
+from common.contract.routing import PlanView
 
 HISTORY_MAXLEN = 1000
 

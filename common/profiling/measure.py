@@ -3,7 +3,7 @@
 Each block is timed on its real input at every grid batch size (the previous block's output), after
 warm-up, and the median of the repeats is kept. On the CPU a "share" is a thread count
 (``torch.set_num_threads``). On CUDA every share runs in its own child process
-(``python -m common.profiler --worker``) whose environment carries ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``
+(``python -m common.profiling.measure --worker``) whose environment carries ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``
 before CUDA initialises — the share only binds when an MPS control daemon is running, and the file
 says whether one was. Children report JSON lines on stdout (never pickle).
 """
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from common.models import build_blocks, describe
+from common.model.zoo import build_blocks, describe
 from common.profiles import Profile, make_profile
 
 LINE_TAG = "GRAFT-PROFILER "
@@ -257,7 +257,7 @@ def _profile_cuda(models: Sequence[str], batches: Sequence[int], shares: Sequenc
 
 def _run_share_child(spec: dict[str, Any], share: int, step: Step) -> dict[str, Any]:
     env = {**os.environ, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(share)}
-    cmd = [sys.executable, "-m", "common.profiler", "--worker", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "common.profiling.measure", "--worker", json.dumps(spec)]
     result: dict[str, Any] | None = None
     error: str | None = None
     with tempfile.TemporaryFile(mode="w+") as err:

@@ -4,7 +4,7 @@ A block on a phone costs ``overhead + flops / rate``. The numbers are assumption
 of magnitude, not measurements of ours: fp32 convnets on a phone CPU (PyTorch Mobile / TFLite CPU
 delegate, all big cores) reach a few GFLOP/s on a budget Cortex-A53 part, a few tens on a mid-range
 Cortex-A76/A78 part and around a hundred on a flagship Cortex-X part. With FLOPs counted as 2 per
-multiply-add (as ``common.models`` does), MobileNetV2 (0.6 GFLOP) then takes ~150 ms / ~25 ms / ~8 ms
+multiply-add (as ``common.model.zoo`` does), MobileNetV2 (0.6 GFLOP) then takes ~150 ms / ~25 ms / ~8 ms
 and ResNet-50 (8.2 GFLOP) ~2 s / ~330 ms / ~110 ms — the spread public phone benchmarks report
 (e.g. AI-Benchmark's CPU fp32 results). The per-block overhead stands for operator dispatch, memory
 allocation and cache misses that FLOPs do not capture; it makes many tiny blocks cost something.
@@ -71,7 +71,7 @@ def device_prefix_ms(latencies: Sequence[float], cut: int) -> float:
 
 def devices_document(models: Sequence[str] | None = None, resolution: int | None = None) -> dict[str, Any]:
     """The shipped ``devices.json``: class definitions plus per-block latency per class per model."""
-    from common.models import MODEL_NAMES, describe
+    from common.model.zoo import MODEL_NAMES, describe
 
     doc: dict[str, Any] = {
         "note": "Assumed phone-class CPU speeds (order of magnitude), not measurements; see common/devices.py.",

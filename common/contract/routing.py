@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common import keys
-from common.errors import BadCut
+from common.contract import keys
+from common.contract.errors import BadCut
 
 
 @dataclass(frozen=True, slots=True)

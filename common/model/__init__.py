@@ -1,0 +1,1 @@
+"""Models as ordered block lists (``zoo``) and re-aligned execution of their fragments (``executor``)."""
