@@ -26,6 +26,10 @@
 | GRAFT_LOG_FORMAT | json | json for services, console for the CLI |
 | GRAFT_SEED | 0 | seed for random model weights (every process must agree) |
 | GRAFT_WEIGHTS_DIR | (unset) | folder with ``<model>.pt`` state dicts (loaded with weights_only=True) |
+| GRAFT_GATEWAY_HOST | 127.0.0.1 | address the gateway's HTTP and gRPC servers bind (0.0.0.0 in a container) |
+| GRAFT_GATEWAY_HTTP_PORT | 8000 | Open Inference Protocol v2 over HTTP/REST (0: a free port) |
+| GRAFT_GATEWAY_GRPC_PORT | 8001 | Open Inference Protocol v2 over gRPC (0: a free port) |
+| GRAFT_DEFAULT_BUDGET_MS | 1000 | server budget the gateway gives a request that names none |
 """
 
 from __future__ import annotations
@@ -88,6 +92,10 @@ class Settings:
     log_format: str = "json"
     seed: int = 0
     weights_dir: str | None = None
+    gateway_host: str = "127.0.0.1"
+    gateway_http_port: int = 8000
+    gateway_grpc_port: int = 8001
+    default_budget_ms: float = 1000.0
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -109,9 +117,12 @@ class Settings:
             raise SettingsError(f"GRAFT_BATCHING must be eager or slack, got {self.batching!r}")
         if self.max_deliveries < 1:
             raise SettingsError("GRAFT_MAX_DELIVERIES must be at least 1")
-        if not _is_host(self.metrics_host):
-            raise SettingsError(f"GRAFT_METRICS_HOST must be an IP address or a host name (127.0.0.1, 0.0.0.0, ::), "
-                                f"got {self.metrics_host!r}")
+        for name, host in (("GRAFT_METRICS_HOST", self.metrics_host), ("GRAFT_GATEWAY_HOST", self.gateway_host)):
+            if not _is_host(host):
+                raise SettingsError(f"{name} must be an IP address or a host name (127.0.0.1, 0.0.0.0, ::), "
+                                    f"got {host!r}")
+        if not 0 < self.default_budget_ms <= self.max_slo_ms:
+            raise SettingsError(f"GRAFT_DEFAULT_BUDGET_MS must be in (0, GRAFT_MAX_SLO_MS], got {self.default_budget_ms}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

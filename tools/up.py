@@ -103,7 +103,8 @@ async def start_system(settings: Settings, profile_path: Path, *, log_dir: Path,
     # The worker serves the device kind the profile was measured on: a CPU profile on a GPU host (GRAFT_DEVICE
     # =cpu) must not be handed to an agent that took the GPUs, whose placements the plan never names.
     argv = {"planner": service_argv("planner"), "ingress": service_argv("ingress"),
-            "worker": service_argv("worker", "--devices", settings.device or "auto")}
+            "worker": service_argv("worker", "--devices", settings.device or "auto"),
+            "gateway": service_argv("gateway")}
     unknown = [name for name in services if name not in argv]
     if unknown:
         raise ValueError(f"unknown services {unknown}; choose from {sorted(argv)}")
