@@ -512,6 +512,13 @@ def test_bundled_redis_starts_with_acl_aof_and_noeviction(
         limit = quantity(pod_spec(sts)["containers"][0]["resources"]["limits"]["memory"])
         assert 0 < int(conf["maxmemory"]) <= 0.8 * limit, "maxmemory needs headroom below the memory limit"
         assert set(admin.acl_users()) == {"default", *secret}
+    # The readiness probe's own command, pointed at the socket: PONG with the admin password only.
+    probe = pod_spec(sts)["containers"][0]["readinessProbe"]["exec"]["command"]
+    probe = [*probe[:2], probe[2].replace("redis-cli ", f"redis-cli -s {sock} ", 1)]
+    server_dir = str(Path(find_redis_server()).parent)
+    for password, ready in ((secret["admin"], 0), ("wrong", 1)):
+        env = {"PATH": f"{server_dir}:{os.environ['PATH']}", "REDISCLI_AUTH": password}
+        assert run(probe, env=env).returncode == ready
     for user in sorted(set(secret) - {"admin"}):
         with redis.Redis(unix_socket_path=str(sock), username=user, password=secret[user]) as r:
             assert r.xadd("graft:ingress", {"m": b"x"})
