@@ -133,3 +133,15 @@ async def http_get(host: str, port: int, path: str, timeout: float = 2.0) -> tup
         writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")
     return int(head.split()[1]), body
+
+# Gateway (services.gateway): the Open Inference Protocol front door.
+GATEWAY_REQUESTS = Counter("graft_gateway_requests_total",
+                           "Gateway inference requests by protocol (http, grpc) and outcome (ok, or the code answered)",
+                           ["protocol", "outcome"], registry=REGISTRY)
+GATEWAY_LATENCY_MS = Histogram("graft_gateway_latency_ms",
+                               "Gateway inference latency in ms, from the parsed request to its answer",
+                               ["protocol"], buckets=_MS_BUCKETS, registry=REGISTRY)
+GATEWAY_IN_FLIGHT = Gauge("graft_gateway_in_flight", "Inference requests the gateway is answering now",
+                          ["protocol"], registry=REGISTRY)
+GATEWAY_PENDING = Gauge("graft_gateway_pending",
+                        "Graft requests (one per row) whose replies the gateway's SDK client awaits", registry=REGISTRY)
