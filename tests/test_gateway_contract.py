@@ -415,3 +415,35 @@ async def test_requests_are_counted_by_protocol_and_outcome(harness: Harness, cl
     after = [await metric(harness.metrics_port, "graft_gateway_requests_total", label.format(p)) for p in ("http", "grpc")]
     assert [a - b for a, b in zip(after, before, strict=True)] == [1, 2]
     assert await metric(harness.metrics_port, "graft_gateway_latency_ms_count", 'protocol="grpc"') >= 2
+
+
+# ------------------------------------------------------------------------- the benchmarks' submitters
+
+
+async def test_the_gateway_submitters_answer_like_the_sdk(harness: Harness) -> None:
+    from tools.gateway_submit import GrpcSubmitter, HttpSubmitter
+
+    harness.graft.take()
+    x = np.full(SMALL, 0.5, np.float32)  # one request's tensor, without a batch dimension
+    for sub in (HttpSubmitter(f"http://{harness.http}"), GrpcSubmitter(harness.grpc)):
+        try:
+            rep = await sub.submit(MODEL, 13, x, budget_ms=300.0, timeout_s=5.0)
+            assert rep.ok and rep.tensor is not None and rep.tensor.shape == (1000,)
+            np.testing.assert_allclose(rep.tensor, np.full(1000, 256.0))
+            assert (rep.server_ms, rep.epoch, rep.group, rep.batch, rep.timings) == (1.5, 1, "g", 1, {"compute_ms": 0.5})
+            async with scripted(harness.graft, failing(ErrorCode.OVERLOADED, retry_after_ms=1500)):
+                rep = await sub.submit(MODEL, 13, x, budget_ms=300.0, timeout_s=5.0)
+            assert not rep.ok and rep.error is not None
+            assert (rep.error.code, rep.error.message, rep.error.details) == ("OVERLOADED", "scripted OVERLOADED",
+                                                                              {"retry_after_ms": 1500})
+            rep = await sub.submit("mobilenet_v2", 13, x, budget_ms=300.0, timeout_s=5.0)
+            assert rep.error is not None and rep.error.code == "UNKNOWN_MODEL"
+            async with scripted(harness.graft, lambda req: None):
+                with pytest.raises(TimeoutError):  # the client's own timeout
+                    await sub.submit(MODEL, 13, x, budget_ms=5000.0, timeout_s=0.3)
+                with pytest.raises(TimeoutError):  # the gateway's: budget + margin
+                    await sub.submit(MODEL, 13, x, budget_ms=50.0, timeout_s=5.0)
+            assert [r.budget_ms for r in harness.graft.take()] == [300.0, 300.0, 5000.0, 50.0]
+        finally:
+            await sub.aclose()
+    await until_async(lambda: _pending_is(harness, 0), 3, "nothing pending")
