@@ -12,11 +12,11 @@ nothing is left pending: a late reply is dropped by the SDK's reader.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -83,6 +83,51 @@ class InferCall:
     deadline_s: float | None = None  # seconds the client still waits (gRPC deadline), None: no deadline
 
 
+class ProtocolMeters:
+    """The metric children of one protocol, looked up once (``labels()`` costs microseconds per call)."""
+
+    def __init__(self, protocol: str) -> None:
+        self.protocol = protocol
+        self.in_flight = GATEWAY_IN_FLIGHT.labels(protocol=protocol)
+        self.latency = GATEWAY_LATENCY_MS.labels(protocol=protocol)
+        self._outcomes: dict[str, Any] = {}
+
+    def outcome(self, outcome: str) -> Any:
+        c = self._outcomes.get(outcome)
+        if c is None:
+            c = self._outcomes[outcome] = GATEWAY_REQUESTS.labels(protocol=self.protocol, outcome=outcome)
+        return c
+
+
+class Tracked:
+    """``with door.tracked(protocol):`` — one request in flight; its outcome (``ok``, the ``GatewayError``'s
+    code, ``CANCELLED`` when the client went away, ``INTERNAL`` for anything else) and latency counted."""
+
+    __slots__ = ("_meters", "_started")
+
+    def __init__(self, meters: ProtocolMeters) -> None:
+        self._meters = meters
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+        self._meters.in_flight.inc()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        m = self._meters
+        m.in_flight.dec()
+        if exc is None:
+            outcome = "ok"
+        elif isinstance(exc, GatewayError):
+            outcome = exc.code
+        elif isinstance(exc, asyncio.CancelledError):
+            outcome = "CANCELLED"
+        else:
+            outcome = "INTERNAL"
+        m.outcome(outcome).inc()
+        m.latency.observe((time.perf_counter() - self._started) * 1000.0)
+
+
 class FrontDoor:
     def __init__(self, client: GraftClient, catalog: Catalog, settings: Settings, *,
                  wait_margin_s: float = WAIT_MARGIN_S) -> None:
@@ -91,7 +136,7 @@ class FrontDoor:
         self.settings = settings
         self.wait_margin_s = wait_margin_s
         self.version = _version()
-        self._outcomes: dict[tuple[str, str], Any] = {}
+        self._meters: dict[str, ProtocolMeters] = {}
 
     # ---------------------------------------------------------------------------------- discovery
 
@@ -124,35 +169,12 @@ class FrontDoor:
 
     # ---------------------------------------------------------------------------------- inference
 
-    def _counter(self, protocol: str, outcome: str) -> Any:
-        key = (protocol, outcome)
-        c = self._outcomes.get(key)
-        if c is None:
-            c = self._outcomes[key] = GATEWAY_REQUESTS.labels(protocol=protocol, outcome=outcome)
-        return c
-
-    @contextlib.contextmanager
-    def tracked(self, protocol: str) -> Iterator[None]:
+    def tracked(self, protocol: str) -> Tracked:
         """Count one inference request of ``protocol`` (in flight, outcome, latency) around its handling."""
-        started = time.perf_counter()
-        outcome = "ok"
-        gauge = GATEWAY_IN_FLIGHT.labels(protocol=protocol)
-        gauge.inc()
-        try:
-            yield
-        except GatewayError as exc:
-            outcome = exc.code
-            raise
-        except asyncio.CancelledError:
-            outcome = "CANCELLED"  # the client went away or its deadline passed
-            raise
-        except Exception:
-            outcome = "INTERNAL"
-            raise
-        finally:
-            gauge.dec()
-            self._counter(protocol, outcome).inc()
-            GATEWAY_LATENCY_MS.labels(protocol=protocol).observe((time.perf_counter() - started) * 1000.0)
+        meters = self._meters.get(protocol)
+        if meters is None:
+            meters = self._meters[protocol] = ProtocolMeters(protocol)
+        return Tracked(meters)
 
     def tensor_of(self, sig: Signature, call: InferCall) -> tuple[int, npt.NDArray[np.float32]]:
         """The call's cut and its input as a ``[B, *cut_shape]`` float32 array."""

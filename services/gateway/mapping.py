@@ -286,5 +286,8 @@ def answer(replies: Sequence[wire.Reply]) -> Answer:
     for i, rep in enumerate(replies):
         if not rep.ok or rep.tensor is None:
             raise error_of(rep, i, len(replies))
-    out = np.stack([np.asarray(r.tensor, dtype=np.float32) for r in replies])
+    if len(replies) == 1:
+        out = np.asarray(replies[0].tensor, dtype=np.float32)[None]
+    else:
+        out = np.stack([np.asarray(r.tensor, dtype=np.float32) for r in replies])
     return Answer(out, response_parameters(replies))

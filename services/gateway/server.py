@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import uuid
 from typing import Any
 
@@ -56,6 +57,10 @@ async def main(settings: Settings, r: Any, stop: asyncio.Event, hb: Heartbeat) -
         log.info("gateway_listening", host=settings.gateway_host, http_port=http_port, grpc_port=grpc_port,
                  client=client.client_id, epoch=catalog.epoch, models=catalog.models)
         following = asyncio.create_task(follower.run(stop), name="gateway-plan")
+        # Everything alive now (torch, the zoo, the stacks) lives as long as the process: keep it out of
+        # the collector's way, or every full collection walks millions of objects on the request path.
+        gc.collect()
+        gc.freeze()
         await stop.wait()
     finally:
         hb.ready = False
