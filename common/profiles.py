@@ -108,13 +108,13 @@ class ModelProfile:
         bs = np.asarray(self.batches, dtype=np.float64)
         rows = self.table[first:, :, k]  # (m, n_batches)
         if len(bs) == 1:
-            return float(rows[:, 0].sum())
+            return float((rows[:, 0] * below_one(b)).sum())
         bc = np.maximum(b, bs[0])
         i1 = np.clip(np.searchsorted(bs, bc, side="right"), 1, len(bs) - 1)
         i0 = i1 - 1
         w = (bc - bs[i0]) / (bs[i1] - bs[i0])
         idx = np.arange(len(b))
-        return float(((1.0 - w) * rows[idx, i0] + w * rows[idx, i1]).sum())
+        return float((((1.0 - w) * rows[idx, i0] + w * rows[idx, i1]) * below_one(b)).sum())
 
     def suffix_latency(self, cut: int, b: float, share: int) -> float:
         """Latency of running blocks cut..N-1 on a uniform batch of b requests."""
@@ -127,6 +127,18 @@ class ModelProfile:
         blocks = tuple(replace(b, latency_ms=tuple(tuple(x * factor for x in row) for row in b.latency_ms))
                        for b in self.blocks)
         return replace(self, blocks=blocks, table=self.table * factor)
+
+
+def below_one(b: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Weight of a block whose *expected* batch ``b`` is below one request: ``b``.
+
+    An expected composition is fractional (``n_c = B·Λ_c/Λ``): a block that sees 0.1 requests per
+    batch on average runs in about one batch in ten, so it costs a tenth of its batch-1 latency — not
+    all of it, which would cost every batch as if it ran the whole model from a rarely used cut.
+    Batches of one request or more are unaffected.
+    """
+    out: npt.NDArray[np.float64] = np.minimum(np.asarray(b, dtype=np.float64), 1.0)
+    return out
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,12 @@
-"""What every Graft service process shares: signals, heartbeats, health endpoint, ``--check``.
+"""What every Graft service process shares: arguments, signals, the registry heartbeat, health, ``--check``.
 
-A service is an async ``main(settings, redis, stop)`` coroutine; ``run_service`` wraps it with logging,
-the Redis connection, SIGTERM/SIGINT → ``stop`` (graceful drain), a heartbeat key refreshed every
-second (``graft status`` and ``--check`` read it) and the Prometheus/health HTTP server.
+A service is an async ``main(settings, redis, stop, heartbeat)`` coroutine; ``run_service`` wraps it
+with logging, the Redis connection, SIGTERM/SIGINT → ``stop`` (graceful drain), a heartbeat in the
+registry (``common.store.registry``: ``graft status`` and ``--check`` read it; the status dict is the
+service's own to fill) and the Prometheus/health HTTP server (``/metrics``, ``/healthz``, ``/readyz``).
+
+``--check`` exits 0 iff *this* instance is alive: the one named by ``--name``, else one running on
+this host (in a container: this container) — never just "some instance somewhere".
 """
 
 from __future__ import annotations
@@ -10,85 +14,103 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import sys
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from common import logs
-from common.contract import keys, wire
 from common.metrics import HealthServer
-from common.settings import Settings
-from common.store.streams import connect
+from common.settings import Settings, SettingsError
+from common.store.registry import Registry
+from common.store.streams import TRANSIENT, connect
 
 T = TypeVar("T")
 
 HEARTBEAT_S = 1.0
-HEARTBEAT_TTL_S = 5
+HEARTBEAT_TTL_S = 5.0
 
-StatusFn = Callable[[], dict[str, Any]]
 ServiceMain = Callable[[Settings, Any, asyncio.Event, "Heartbeat"], Awaitable[None]]
 
 
-class Heartbeat:
-    """Refreshes ``graft:health:{service}:{name}`` with the service's own status every second."""
+def instance_name(explicit: str | None = None) -> str:
+    """``--name``, else ``GRAFT_INSTANCE``, else ``host-pid``."""
+    return explicit or os.environ.get("GRAFT_INSTANCE") or f"{socket.gethostname()}-{os.getpid()}"
 
-    def __init__(self, r: Any, service: str, name: str) -> None:
-        self._r, self.service, self.name = r, service, name
+
+class Heartbeat:
+    """Publishes the service's ``status`` in the registry every ``interval_s``; ``ready`` feeds /readyz."""
+
+    def __init__(self, r: Any, kind: str, name: str, *, ttl_s: float = HEARTBEAT_TTL_S,
+                 interval_s: float = HEARTBEAT_S) -> None:
+        self.registry = Registry(r, kind, ttl_s)
+        self.kind, self.name, self.interval_s = kind, name, interval_s
         self.status: dict[str, Any] = {"status": "starting"}
         self.ready = False
 
+    @property
+    def service(self) -> str:
+        return self.kind
+
     async def beat(self) -> None:
-        body = {"ts": time.time(), "host": socket.gethostname(), **self.status}
-        await self._r.set(keys.health(self.service, self.name), wire.encode_message("health", body),
-                          ex=HEARTBEAT_TTL_S)
+        await self.registry.beat(self.name, {"host": socket.gethostname(), "pid": os.getpid(), **self.status})
 
     async def run(self, stop: asyncio.Event) -> None:
         log = logs.get_logger("graft.heartbeat")
         while not stop.is_set():
             try:
                 await self.beat()
-            except Exception as exc:  # Redis down: keep serving; the key simply expires
+            except Exception as exc:  # Redis down: keep serving; the entry simply goes stale
                 log.warning(logs.Event.REDIS_RECONNECT, error=repr(exc))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), HEARTBEAT_S)
+                await asyncio.wait_for(stop.wait(), self.interval_s)
         with contextlib.suppress(Exception):
-            await self._r.delete(keys.health(self.service, self.name))
+            await self.registry.leave(self.name)
 
 
-async def check(settings: Settings, service: str) -> bool:
-    """True iff some instance of ``service`` sent a heartbeat within the TTL."""
+async def check(settings: Settings, kind: str, name: str | None = None, *, ttl_s: float = HEARTBEAT_TTL_S) -> bool:
+    """True iff instance ``name`` of ``kind`` (None: an instance on this host) is alive in the registry."""
     if not settings.redis_url:
         return False
     r = connect(settings.redis_url, settings=settings)
     try:
-        async for _ in r.scan_iter(match=keys.health_pattern(service), count=100):
-            return True
+        live = await Registry(r, kind, ttl_s).live()
+    except TRANSIENT:
         return False
     finally:
         await r.aclose()
+    if name:
+        return name in live
+    host = socket.gethostname()
+    return any(s.get("host") == host for s in live.values())
 
 
 def run_service(service: str, main: ServiceMain, argv: list[str] | None = None,
                 extra_args: Callable[[argparse.ArgumentParser], None] | None = None, port_offset: int = 0) -> int:
-    """Run ``main`` as service ``service``; its metrics port is ``GRAFT_METRICS_PORT + port_offset``
-    (ingress +0, planner +1, worker agent +2, replicas +10+k), or a free port when the base is 0."""
+    """Run ``main`` as service ``service`` (also its registry kind); its metrics port is
+    ``GRAFT_METRICS_PORT + port_offset`` (ingress +0, planner +1, worker agent +2, gateway +3,
+    replicas +10+k), or a free port when the base is 0."""
+    die_with_parent()
     parser = argparse.ArgumentParser(prog=f"python -m services.{service}")
-    parser.add_argument("--check", action="store_true", help="exit 0 iff a live instance sends heartbeats")
-    parser.add_argument("--name", default=None, help="instance name (default: host-pid)")
+    parser.add_argument("--check", action="store_true", help="exit 0 iff this instance is alive (see --name)")
+    parser.add_argument("--name", default=None, help="instance name (default: $GRAFT_INSTANCE, else host-pid)")
     if extra_args is not None:
         extra_args(parser)
     args = parser.parse_args(argv)
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"services.{service}: bad settings: {exc}", file=sys.stderr)
+        return 2
     logs.configure(settings.log_format, settings.log_level)
     if args.check:
-        return 0 if asyncio.run(check(settings, service)) else 1
+        return 0 if asyncio.run(check(settings, service, args.name or os.environ.get("GRAFT_INSTANCE"))) else 1
     if not settings.redis_url:
         print(f"services.{service}: REDIS_URL is not set (use `graft up` for an embedded Redis)", file=sys.stderr)
         return 2
-    name = args.name or f"{socket.gethostname()}-{__import__('os').getpid()}"
+    name = instance_name(args.name)
     settings = settings.with_(extra={**settings.extra, **{k: str(v) for k, v in vars(args).items()}})
 
     async def _run() -> None:
@@ -119,6 +141,25 @@ def run_service(service: str, main: ServiceMain, argv: list[str] | None = None,
 
     run_loop(_run())
     return 0
+
+
+ENV_DIE_WITH_PARENT = "GRAFT_DIE_WITH_PARENT"
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """When started by a supervisor (``GRAFT_DIE_WITH_PARENT=1``: ``graft up``, the worker agent), ask
+    the kernel to send ``sig`` when the parent dies — even by SIGKILL — so no child outlives it."""
+    if os.environ.get(ENV_DIE_WITH_PARENT) != "1" or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent or parent == 1:  # the parent died before the request took effect
+        os.kill(os.getpid(), sig)
 
 
 def run_loop(main: Coroutine[Any, Any, T]) -> T:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from common.contract import keys
 from common.profiles import Profile, make_profile
+from common.store.registry import Registry
 
 
 def alive(pid: int) -> bool:
@@ -46,3 +49,27 @@ def cpu_test_profile() -> Profile:
                "latency_ms": [[1.0, 0.6], [1.5, 0.9]]} for j in range(2)]
     return make_profile("measured", "cpu-test", "cpu_threads", [1, 2], [1, 2],
                         {"m": {"input_shape": [3, 8, 8], "input_bytes": 768, "blocks": blocks}})
+
+
+@contextlib.asynccontextmanager
+async def serving_replica(r: Any, *streams: str, name: str = "fake-replica", interval_s: float = 0.3,
+                          **status: Any) -> AsyncIterator[None]:
+    """A registry entry that says a live replica reads ``streams`` (what a test's fake worker does not
+    publish itself): the ingress routes only to streams a live replica reads."""
+    registry = Registry(r, keys.REPLICA_KIND, 2.0)
+    body = {"state": "serving", "streams": list(streams), **status}
+    await registry.beat(name, body)
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await registry.beat(name, body)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await registry.leave(name)

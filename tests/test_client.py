@@ -26,6 +26,7 @@ from common.store.plan_store import publish_plan
 from common.store.replies import ReplySender
 from common.store.streams import ensure_group
 from services.ingress.service import IngressService
+from tests.helpers import serving_replica, until
 
 RES = 32
 
@@ -81,12 +82,14 @@ async def fake_worker(r: Redis, stop: asyncio.Event) -> None:
 async def running_system(redis: Redis, settings: Settings) -> AsyncIterator[None]:
     await publish_plan(redis, one_group_plan(describe("resnet18", settings.resolution or None).n_blocks))
     stop = asyncio.Event()
-    ingress = IngressService(redis, settings, name="ingress-c", plan_interval_s=0.05)
-    tasks = [asyncio.create_task(ingress.run(stop)), asyncio.create_task(fake_worker(redis, stop))]
-    await asyncio.wait_for(ingress.ready.wait(), 10)
-    yield
-    stop.set()
-    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    ingress = IngressService(redis, settings, name="ingress-c", plan_interval_s=0.05, serving_interval_s=0.05)
+    async with serving_replica(redis, keys.group_stream(1, "all")):
+        tasks = [asyncio.create_task(ingress.run(stop)), asyncio.create_task(fake_worker(redis, stop))]
+        await asyncio.wait_for(ingress.ready.wait(), 10)
+        await until(lambda: ingress.serving.live(keys.group_stream(1, "all")), 5, "the ingress seeing the replica")
+        yield
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
 
 
 @pytest.fixture

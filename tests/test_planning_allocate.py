@@ -16,9 +16,11 @@ NET = PROFILE.model("net")
 
 
 def brute_force(cut_rates: dict[int, float], budget: float, rho: float) -> tuple[float, int, float] | None:
-    """Section 4 by the letter, one grid point at a time: (cost, replicas, latency) of the best point."""
+    """Section 4 by the letter, one grid point at a time: (cost, replicas, latency) of the best point —
+    the cheapest, then fewest replicas, then the largest batch, then the lowest latency."""
     total = sum(cut_rates.values())
     best: tuple[float, int, float] | None = None
+    best_key: tuple[float, int, int, float] | None = None
     for b in range(1, PROFILE.max_batch + 1):
         counts = {c: b * r / total for c, r in cut_rates.items()}
         for g in NET.shares:
@@ -26,9 +28,9 @@ def brute_force(cut_rates: dict[int, float], budget: float, rho: float) -> tuple
             if 2 * lat > budget:
                 continue
             n = max(1, math.ceil(total / rho * (lat / 1000) / b - 1e-9))
-            cand = (float(n * g), n, lat)
-            if best is None or cand < best:
-                best = cand
+            key = (float(n * g), n, -b, lat)
+            if best_key is None or key < best_key:
+                best_key, best = key, (float(n * g), n, lat)
     return best
 
 
@@ -73,11 +75,22 @@ def test_a_light_group_still_costs_one_replica_on_the_smallest_share_that_meets_
     assert got is not None and got.replicas == 1 and got.share == NET.shares[3] and got.batch == 1
 
 
-def test_heavier_load_uses_bigger_batches_and_more_replicas() -> None:
+def test_heavier_load_costs_more_and_never_batches_less() -> None:
     alloc = GroupAllocator(NET, 0.9)
     light, heavy = alloc.allocate({4: 5.0}, 200.0), alloc.allocate({4: 5000.0}, 200.0)
     assert light is not None and heavy is not None
-    assert heavy.batch > light.batch and heavy.cost > light.cost
+    assert heavy.batch >= light.batch and heavy.cost > light.cost
+
+
+def test_at_equal_cost_the_largest_feasible_batch_wins() -> None:
+    # A light group fits one replica at the smallest share at any feasible batch: the plan keeps the
+    # largest one, the headroom a Poisson burst needs (an eager replica only fills it when a queue builds).
+    alloc = GroupAllocator(NET, 0.9)
+    got = alloc.allocate({4: 5.0}, 200.0)
+    assert got is not None
+    lat = alloc.latency_grid({4: 5.0})[:, list(NET.shares).index(got.share)]
+    feasible = [b + 1 for b in range(len(lat)) if 2 * lat[b] <= 200.0]
+    assert got.replicas == 1 and got.batch == max(feasible) > 1
 
 
 def test_zero_rate_group_counts_each_cut_equally() -> None:

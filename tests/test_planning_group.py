@@ -83,16 +83,17 @@ def test_light_fragments_of_many_cuts_share_one_group() -> None:
 
 
 def test_local_search_finds_a_grouping_the_cut_order_cannot_express() -> None:
-    # sorted by cut: (0, 20/s), (1, 80/s), (2, 300/s), (8, 0.5/s, tight). The optimum puts the heavy
-    # cut-2 fragment alone and the rest, around it in cut order, together.
-    units = units_from([(8, 0.5, 16.0), (1, 80.0, 185.0), (2, 300.0, 237.0), (0, 20.0, 134.0)])
+    # sorted by (cut, budget): (0, 150/s, 40 ms), (0, 300/s, 134 ms), (2, 80/s, 16 ms), (8, 20/s, 300 ms).
+    # The optimum keeps the loose cut-8 fragment alone and groups the other three — the tight cut-2
+    # fragment with the cut-0 ones, across the cut order the contiguous runs follow.
+    units = units_from([(2, 80.0, 16.0), (8, 20.0, 300.0), (0, 300.0, 134.0), (0, 150.0, 40.0)])
     cost = GroupCost(units, GroupAllocator(NET, 0.9))
     contiguous = group_contiguous(units, cost)
     improved = improve(contiguous, cost)
     exact = group_exact(len(units), cost)
     assert cost.total(improved) < cost.total(contiguous)
     assert cost.total(improved) == cost.total(exact)
-    assert [2] in improved
+    assert [1] in improved
 
 
 def test_cost_memo_counts_each_set_once() -> None:

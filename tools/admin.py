@@ -5,37 +5,32 @@ Plain async functions over a Redis client returning plain data; ``tools/cli_admi
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from common.contract import keys, wire
-from common.contract.errors import InvalidRequest
 from common.contract.routing import PlanView
 from common.store.plan_store import load_plan, plan_history
+from common.store.registry import Registry
 
 CONTROL_MAXLEN = 1000
 
 
+# How long an instance of each kind stays "alive" after its last heartbeat.
+TTL_S = {keys.INGRESS_KIND: 5.0, keys.PLANNER_KIND: 5.0, keys.WORKER_KIND: 5.0, keys.REPLICA_KIND: 2.0,
+         keys.GATEWAY_KIND: 5.0}
+
+
 async def services_status(r: Any) -> list[dict[str, Any]]:
-    """Every fresh heartbeat: service, name, age in seconds, the status it reported and its other fields."""
+    """Every live instance in the registry: service, name, age in seconds, its status and other fields."""
     rows: list[dict[str, Any]] = []
-    async for key in r.scan_iter(match=keys.health_pattern(), count=500):
-        raw = await r.get(key)
-        if raw is None:
-            continue
-        k = key.decode() if isinstance(key, bytes) else str(key)
-        _prefix, _h, service, name = k.split(":", 3)
-        try:
-            body = wire.unpackb(raw)
-        except InvalidRequest:
-            body = {}
-        ts = body.get("ts")
-        age = round(time.time() - float(ts), 2) if isinstance(ts, int | float) else None
-        info = {k2: v for k2, v in body.items() if k2 not in ("v", "kind", "ts")}
-        # Replicas report a "state", the planner a "status", ingress and agents neither: a fresh
-        # heartbeat alone means "up". The key names the service and instance, whatever the body says.
-        status = info.get("status") or info.get("state") or ("up" if body else "unreadable")
-        rows.append({**info, "service": service, "name": name, "age_s": age, "status": status})
+    for kind, ttl in TTL_S.items():
+        for name, body in (await Registry(r, kind, ttl).live()).items():
+            info = {k: v for k, v in body.items() if k not in ("v", "kind", "name", "seen_ms_ago")}
+            # Replicas report a "state", the planner a "status", ingress and agents neither: a fresh
+            # heartbeat alone means "up".
+            status = info.get("status") or info.get("state") or "up"
+            rows.append({**info, "service": kind, "name": name, "age_s": round(body["seen_ms_ago"] / 1000.0, 2),
+                         "status": status})
     rows.sort(key=lambda row: (str(row["service"]), str(row["name"])))
     return rows
 

@@ -94,8 +94,8 @@ async def bench_overhead(rate: float, duration_s: float, log_dir: Path) -> dict[
     devices = [EmulatedDevice(f"d{i}", "mobilenet_v2", cut, budget, budget, rate / 4) for i in range(4)]
     report = await run_fixed(settings, profile_path, plan, devices, duration_s, log_dir / "overhead")
     ok = [o for o in report.outcomes if o.ok and o.timings]
-    overhead = np.array([o.rtt_ms - (o.timings or {}).get("compute_ms", 0.0) - (o.timings or {}).get("wait_ms", 0.0) for o in ok])
-    with_hold = np.array([o.rtt_ms - (o.timings or {}).get("compute_ms", 0.0) for o in ok])
+    overhead = np.array([o.latency_ms - (o.timings or {}).get("compute_ms", 0.0) - (o.timings or {}).get("wait_ms", 0.0) for o in ok])
+    with_hold = np.array([o.latency_ms - (o.timings or {}).get("compute_ms", 0.0) for o in ok])
     s = report.summary()
     if not len(overhead):
         raise RuntimeError(f"no timed replies in the overhead run: {s['outcomes']}")

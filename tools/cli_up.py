@@ -36,7 +36,7 @@ def summary_table(s: dict[str, Any]) -> Table:
         ("outcomes", ", ".join(f"{k}={v}" for k, v in s["outcomes"].items())),
         ("SLO attainment", f"{100 * s['slo_attainment']:.1f}%"),
         ("server time p50 / p99 (ms)", f"{s['server_ms_p50']:.1f} / {s['server_ms_p99']:.1f}"),
-        ("round trip p50 / p99 (ms)", f"{s['rtt_ms_p50']:.1f} / {s['rtt_ms_p99']:.1f}"),
+        ("client latency p50 / p99 (ms)", f"{s['latency_ms_p50']:.1f} / {s['latency_ms_p99']:.1f}"),
         ("mean batch size", f"{s['mean_batch']:.2f}"),
         ("goodput (req/s in budget)", f"{s['goodput_rps']:.1f}"),
         ("emulated devices", f"{s['devices']} (+{s['unplaced_devices']} with no feasible cut)"),

@@ -1,11 +1,17 @@
-"""Load generator: many emulated devices against a running Graft, reporting SLO attainment.
+"""Load generator: open-loop arrivals against a running Graft, judged where the user stands.
 
-Each emulated device has a model, a phone class and an uplink (a mahimahi trace segment, or a synthetic
-trace). Like a real client, it asks the partitioner for the cut that minimises its end-to-end latency
-under its SLO, then sends requests at its frame rate (Poisson arrivals) with the server budget that the
-partitioner computed. The tensor it uploads has the exact shape of its cut; its content is random
-(computing real prefixes here would steal the CPU the server is measured on; the test suite checks
-results against local execution). Request loops are bounded in count and time and stop by themselves.
+Every request has an *intended send time* drawn in advance (Poisson arrivals); its latency is measured
+at the producer from that intended time to the reply, so a generator that falls behind cannot hide
+queueing — its lateness counts against the system like any other wait. A request *meets its SLO*
+when it is answered OK within the budget it asked for; errors and timeouts are misses.
+
+Two ways to describe the load: ``EmulatedDevice``s (``emulate_devices``: phones whose cut and budget
+the partitioner picks from their class and a real or synthetic uplink, each at its own rate — the
+demo), or a ``Mix`` of ``(model, cut, budget)`` classes at one total rate (the benchmarks). Requests
+go through a ``Submitter``: the Redis SDK here (``RedisSubmitter``), the gateway's HTTP or gRPC
+front door in ``tools/gateway_submit.py``. Tensors have the exact shape of their cut; their content is
+random (computing real prefixes would steal the CPU the server is measured on; the test suite checks
+results against local execution).
 """
 
 from __future__ import annotations
@@ -17,13 +23,40 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
-from common.client.sdk import GraftClient
+from common.client import GraftClient
+from common.contract import wire
 from common.model import zoo as registry
 from common.profiles import Profile
+
+
+class Submitter(Protocol):
+    async def submit(self, model: str, cut: int, tensor: npt.NDArray[np.float32], *, budget_ms: float,
+                     timeout_s: float) -> wire.Reply: ...
+
+    async def aclose(self) -> None: ...
+
+
+class RedisSubmitter:
+    """Submits through the async SDK over Redis Streams."""
+
+    def __init__(self, redis_url: str, *, client_id: str | None = None) -> None:
+        self.client = GraftClient(redis_url, client_id=client_id or f"loadgen-{time.time_ns()}")
+
+    async def start(self) -> RedisSubmitter:
+        await self.client.start()
+        return self
+
+    async def submit(self, model: str, cut: int, tensor: npt.NDArray[np.float32], *, budget_ms: float,
+                     timeout_s: float) -> wire.Reply:
+        return await self.client.submit_reply(model, cut, tensor, budget_ms=budget_ms, timeout_s=timeout_s)
+
+    async def aclose(self) -> None:
+        await self.client.close()
 
 
 @dataclass(frozen=True)
@@ -38,13 +71,30 @@ class EmulatedDevice:
     bandwidth_bps: float = 0.0
 
 
-@dataclass
-class Outcome:
-    device: str
+@dataclass(frozen=True)
+class RequestClass:
     model: str
     cut: int
     budget_ms: float
-    rtt_ms: float
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Arrival:
+    at_s: float  # intended send time, seconds after the start
+    source: str  # device id or class label
+    model: str
+    cut: int
+    budget_ms: float
+
+
+@dataclass
+class Outcome:
+    source: str
+    model: str
+    cut: int
+    budget_ms: float
+    latency_ms: float  # client-measured: intended send time → reply (timeout: the timeout)
     ok: bool
     code: str
     server_ms: float
@@ -52,10 +102,15 @@ class Outcome:
     group: str | None
     epoch: int | None
     timings: dict[str, float] | None = None
+    send_lag_ms: float = 0.0  # how late the generator actually sent it
 
     @property
     def met(self) -> bool:
-        return self.ok and self.server_ms <= self.budget_ms
+        return self.ok and self.latency_ms <= self.budget_ms
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else 0.0
 
 
 @dataclass
@@ -68,26 +123,42 @@ class LoadReport:
     def summary(self) -> dict[str, Any]:
         outs = self.outcomes
         ok = [o for o in outs if o.ok]
-        codes = Counter(o.code for o in outs)
-        server = np.array([o.server_ms for o in ok]) if ok else np.array([0.0])
-        rtt = np.array([o.rtt_ms for o in ok]) if ok else np.array([0.0])
+        lat_all = [o.latency_ms for o in outs]
+        lat_ok = [o.latency_ms for o in ok]
         batches = [o.batch for o in ok if o.batch]
+        met = sum(o.met for o in outs)
         return {
             "requests": len(outs),
             "ok": len(ok),
-            "outcomes": dict(sorted(codes.items())),
-            "slo_attainment": (sum(o.met for o in outs) / len(outs)) if outs else 0.0,
-            "server_ms_p50": float(np.percentile(server, 50)),
-            "server_ms_p99": float(np.percentile(server, 99)),
-            "rtt_ms_p50": float(np.percentile(rtt, 50)),
-            "rtt_ms_p99": float(np.percentile(rtt, 99)),
+            "met": met,
+            "outcomes": dict(sorted(Counter(o.code for o in outs).items())),
+            "slo_attainment": met / len(outs) if outs else 0.0,
+            "latency_ms_p50": _pct(lat_all, 50), "latency_ms_p99": _pct(lat_all, 99),
+            "ok_latency_ms_p50": _pct(lat_ok, 50), "ok_latency_ms_p99": _pct(lat_ok, 99),
+            "server_ms_p50": _pct([o.server_ms for o in ok], 50), "server_ms_p99": _pct([o.server_ms for o in ok], 99),
+            "send_lag_ms_p99": _pct([o.send_lag_ms for o in outs], 99),
             "mean_batch": float(np.mean(batches)) if batches else 0.0,
-            "goodput_rps": sum(o.met for o in outs) / self.duration_s if self.duration_s else 0.0,
-            "throughput_rps": len(outs) / self.duration_s if self.duration_s else 0.0,
+            "goodput_rps": met / self.duration_s if self.duration_s else 0.0,
+            "offered_rps": len(outs) / self.duration_s if self.duration_s else 0.0,
+            "breakdown_ms": self.breakdown(),
             "devices": len(self.devices),
-            "cuts": dict(sorted(Counter(f"{d.model}:{d.cut}" for d in self.devices).items())),
+            "cuts": dict(sorted(Counter(f"{o.model}:{o.cut}" for o in outs).items())),
             "epochs": sorted({o.epoch for o in ok if o.epoch is not None}),
             "unplaced_devices": self.unplaced,
+        }
+
+    def breakdown(self) -> dict[str, float]:
+        """Median of where an OK request's time went: compute, batching wait, queueing before the replica,
+        and the rest (client, Redis hops, ingress: client latency − server time)."""
+        ok = [o for o in self.outcomes if o.ok and o.timings]
+        if not ok:
+            return {}
+        return {
+            "compute": _pct([o.timings.get("compute_ms", 0.0) for o in ok if o.timings], 50),
+            "wait": _pct([o.timings.get("wait_ms", 0.0) for o in ok if o.timings], 50),
+            "queue": _pct([o.timings.get("queue_ms", 0.0) for o in ok if o.timings], 50),
+            "outside_server": _pct([max(0.0, o.latency_ms - o.server_ms) for o in ok], 50),
+            "total": _pct([o.latency_ms for o in ok], 50),
         }
 
 
@@ -118,47 +189,90 @@ def emulate_devices(profile: Profile, model_names: Sequence[str], n: int, *, slo
     return out, unplaced
 
 
-async def run_load(redis_url: str, devices: Sequence[EmulatedDevice], *, duration_s: float, resolution: int | None,
-                   seed: int = 0, max_requests: int = 100_000, timeout_s: float = 10.0,
-                   on_outcome: Callable[[Outcome], None] | None = None) -> LoadReport:
-    """Open-loop Poisson load from every device for ``duration_s`` (bounded by ``max_requests``)."""
+def device_arrivals(devices: Sequence[EmulatedDevice], duration_s: float, seed: int = 0) -> list[Arrival]:
+    """Each device's own Poisson process over ``duration_s``, merged in time order."""
+    out: list[Arrival] = []
+    for dev in devices:
+        rng = random.Random(f"{seed}-{dev.id}")
+        t = rng.expovariate(dev.rate_rps)
+        while t < duration_s:
+            out.append(Arrival(t, dev.id, dev.model, dev.cut, dev.budget_ms))
+            t += rng.expovariate(dev.rate_rps)
+    out.sort(key=lambda a: a.at_s)
+    return out
+
+
+def mix_arrivals(mix: Sequence[RequestClass], rate_rps: float, duration_s: float, seed: int = 0) -> list[Arrival]:
+    """One Poisson process at ``rate_rps``; each arrival's class drawn by weight."""
+    rng = random.Random(seed)
+    weights = [c.weight for c in mix]
+    out: list[Arrival] = []
+    t = rng.expovariate(rate_rps)
+    while t < duration_s:
+        c = rng.choices(mix, weights)[0]
+        out.append(Arrival(t, f"{c.model}:{c.cut}:{c.budget_ms:g}", c.model, c.cut, c.budget_ms))
+        t += rng.expovariate(rate_rps)
+    return out
+
+
+def tensors_for(arrivals: Sequence[Arrival], resolution: int | None, seed: int = 0) -> dict[tuple[str, int], npt.NDArray[np.float32]]:
     rng = np.random.default_rng(seed)
-    shapes = {(d.model, d.cut): registry.describe(d.model, resolution).cut_shape(d.cut) for d in devices}
-    tensors = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
-    report = LoadReport(duration_s=duration_s, devices=list(devices))
-    sent = 0
-    inflight: set[asyncio.Task[None]] = set()
+    keys = sorted({(a.model, a.cut) for a in arrivals})
+    return {k: rng.standard_normal(registry.describe(k[0], resolution).cut_shape(k[1])).astype(np.float32) for k in keys}
 
-    async with GraftClient(redis_url, client_id=f"loadgen-{seed}-{int(time.time() * 1000)}") as client:
-        async def one(dev: EmulatedDevice) -> None:
-            t0 = time.perf_counter()
-            try:
-                rep = await client.submit_reply(dev.model, dev.cut, tensors[(dev.model, dev.cut)],
-                                                budget_ms=dev.budget_ms, timeout_s=timeout_s)
-                out = Outcome(dev.id, dev.model, dev.cut, dev.budget_ms, (time.perf_counter() - t0) * 1000,
-                              rep.ok, "OK" if rep.ok else (rep.error.code if rep.error else "INTERNAL"),
-                              rep.server_ms, rep.batch, rep.group, rep.epoch, rep.timings)
-            except TimeoutError:
-                out = Outcome(dev.id, dev.model, dev.cut, dev.budget_ms, timeout_s * 1000, False, "TIMEOUT",
-                              timeout_s * 1000, None, None, None)
-            report.outcomes.append(out)
-            if on_outcome is not None:
-                on_outcome(out)
 
-        async def device_loop(dev: EmulatedDevice, start: float) -> None:
-            nonlocal sent
-            drng = random.Random(f"{seed}-{dev.id}")
-            t = start + drng.expovariate(dev.rate_rps)
-            while t < start + duration_s and sent < max_requests:
-                await asyncio.sleep(max(0.0, t - time.monotonic()))
-                sent += 1
-                task = asyncio.create_task(one(dev))
-                inflight.add(task)
-                task.add_done_callback(inflight.discard)
-                t += drng.expovariate(dev.rate_rps)
+async def drive(submitter: Submitter, arrivals: Sequence[Arrival], *, resolution: int | None, seed: int = 0,
+                timeout_s: float = 10.0, on_outcome: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+    """Send every arrival at its intended time (open loop) and wait for every reply (or its timeout)."""
+    tensors = tensors_for(arrivals, resolution, seed)
+    outcomes: list[Outcome] = []
+    tasks: set[asyncio.Task[None]] = set()
 
-        start = time.monotonic()
-        await asyncio.gather(*(device_loop(d, start) for d in devices))
-        if inflight:
-            await asyncio.wait(set(inflight), timeout=timeout_s + 1)
-    return report
+    async def one(a: Arrival, intended: float) -> None:
+        sent = time.perf_counter()
+        try:
+            rep = await submitter.submit(a.model, a.cut, tensors[(a.model, a.cut)], budget_ms=a.budget_ms,
+                                         timeout_s=timeout_s)
+            done = time.perf_counter()
+            code = "OK" if rep.ok else (rep.error.code if rep.error else "INTERNAL")
+            out = Outcome(a.source, a.model, a.cut, a.budget_ms, (done - intended) * 1000.0, rep.ok, code,
+                          rep.server_ms, rep.batch, rep.group, rep.epoch, rep.timings, (sent - intended) * 1000.0)
+        except TimeoutError:
+            out = Outcome(a.source, a.model, a.cut, a.budget_ms, (time.perf_counter() - intended) * 1000.0, False,
+                          "TIMEOUT", 0.0, None, None, None, None, (sent - intended) * 1000.0)
+        except Exception as exc:  # a transport error is a miss like any other, never a crash of the run
+            out = Outcome(a.source, a.model, a.cut, a.budget_ms, (time.perf_counter() - intended) * 1000.0, False,
+                          f"CLIENT_{type(exc).__name__}", 0.0, None, None, None, None, (sent - intended) * 1000.0)
+        outcomes.append(out)
+        if on_outcome is not None:
+            on_outcome(out)
+
+    start = time.perf_counter() + 0.05
+    for a in arrivals:
+        intended = start + a.at_s
+        delay = intended - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(one(a, intended))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.wait(set(tasks), timeout=timeout_s + 2.0)
+    return outcomes
+
+
+async def run_load(redis_url: str, devices: Sequence[EmulatedDevice], *, duration_s: float, resolution: int | None,
+                   seed: int = 0, timeout_s: float = 10.0, submitter: Submitter | None = None,
+                   on_outcome: Callable[[Outcome], None] | None = None) -> LoadReport:
+    """Open-loop Poisson load from every device for ``duration_s``, through ``submitter`` (default: Redis SDK)."""
+    arrivals = device_arrivals(devices, duration_s, seed)
+    own = submitter is None
+    sub: Submitter = submitter if submitter is not None else await RedisSubmitter(
+        redis_url, client_id=f"loadgen-{seed}-{int(time.time() * 1000)}").start()
+    try:
+        outcomes = await drive(sub, arrivals, resolution=resolution, seed=seed, timeout_s=timeout_s,
+                               on_outcome=on_outcome)
+    finally:
+        if own:
+            await sub.aclose()
+    return LoadReport(duration_s=duration_s, outcomes=outcomes, devices=list(devices))

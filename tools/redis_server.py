@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import weakref
@@ -78,6 +79,14 @@ def free_port() -> int:
         return port
 
 
+def _pdeathsig() -> None:
+    """In the forked child, before exec: SIGTERM when the parent dies (Linux; a no-op elsewhere)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     """Last-resort cleanup at garbage collection / interpreter exit: never leave an orphan server."""
     if proc.poll() is None:
@@ -99,6 +108,7 @@ class RedisServer:
         password: str | None = None,
         binary: str | None = None,
         local_socket: bool = False,
+        die_with_parent: bool = False,
     ) -> None:
         self.binary = binary or find_redis_server()
         self.port: int | None = port
@@ -110,6 +120,9 @@ class RedisServer:
         # local_socket: listen on a unix socket in the server's own directory instead of TCP. Every
         # stream hop is a wake-up through Redis; a unix socket makes each ~20% cheaper than loopback TCP.
         self.local_socket = local_socket and unix_socket is None and port is None
+        # die_with_parent: the kernel SIGTERMs redis-server when this process dies, even by SIGKILL
+        # (graft up); only for a server started from the main thread, whose exit is the process's.
+        self.die_with_parent = die_with_parent
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmpdir: str | None = None
         self._finalizer: weakref.finalize[[subprocess.Popen[bytes]], RedisServer] | None = None
@@ -203,6 +216,7 @@ class RedisServer:
         self._proc = subprocess.Popen(
             self._args(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,  # a Ctrl-C meant for the parent should not kill Redis under it
+            preexec_fn=_pdeathsig if self.die_with_parent else None,
         )
         if self._finalizer is not None:
             self._finalizer.detach()

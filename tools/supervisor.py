@@ -67,7 +67,8 @@ class Supervisor:
         return None if self._log_dir is None else self._log_dir / f"{name}.log"
 
     async def _spawn(self, state: ChildState) -> asyncio.subprocess.Process:
-        env = {**self._base_env, **state.spec.env}
+        # Every child asks the kernel for SIGTERM when graft up dies, however it dies (services.lifecycle).
+        env = {**self._base_env, **state.spec.env, "GRAFT_DIE_WITH_PARENT": "1"}
         path = self.log_path(state.spec.name)
         # The child gets its own copy of the log file's descriptor: ours is closed at once, so a child
         # that crash-loops does not leak one open file per restart.

@@ -19,17 +19,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.contract import keys, wire
-from common.contract.errors import InvalidRequest
+from common.contract import keys
+from common.contract.routing import serving_from, unserved
 from common.profiles import Profile
 from common.settings import Settings
 from common.store.plan_store import load_plan
+from common.store.registry import Registry
 from common.store.streams import connect, wait_for_redis
 from tools.redis_server import RedisServer
 from tools.supervisor import ChildSpec, Supervisor, service_argv
 
 ENV_CACHE_DIR = "GRAFT_CACHE_DIR"
-CPU_BATCHES = (1, 2, 4, 8)
+CPU_BATCHES = (1, 2, 4, 8, 16, 32)
+
+
+def cpu_threads() -> tuple[int, ...]:
+    """Thread counts a CPU profile is measured at: 1..every core, so plans can use the whole host."""
+    return tuple(range(1, (os.cpu_count() or 1) + 1))
 
 
 def cache_dir() -> Path:
@@ -46,7 +52,7 @@ def resolve_device(settings: Settings) -> str:
 
 
 def cached_profile_path(settings: Settings, device: str) -> Path:
-    key = f"{device}|{','.join(sorted(settings.models))}|{settings.resolution}|{CPU_BATCHES}"
+    key = f"{device}|{','.join(sorted(settings.models))}|{settings.resolution}|{CPU_BATCHES}|{cpu_threads()}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     return cache_dir() / "profiles" / f"{device}-{digest}.json"
 
@@ -68,9 +74,9 @@ def ensure_profile(settings: Settings, *, progress: bool = True, refresh: bool =
     from common.profiling.measure import profile_models
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    shares: tuple[int, ...] = (1,) if device == "cpu" else tuple(range(10, 101, 10))
+    shares: tuple[int, ...] = cpu_threads() if device == "cpu" else tuple(range(10, 101, 10))
     prof = profile_models(list(settings.models), device=device, batches=list(CPU_BATCHES), shares=list(shares),
-                          resolution=settings.resolution or None, progress=progress)
+                          resolution=settings.resolution or None, progress=progress, repeats=5)
     prof.save(path)
     return path, True
 
@@ -111,7 +117,7 @@ async def start_system(settings: Settings, profile_path: Path, *, log_dir: Path,
     server: RedisServer | None = None
     url = settings.redis_url
     if not url:
-        server = RedisServer(persist_dir=None, local_socket=True).start()
+        server = RedisServer(persist_dir=None, local_socket=True, die_with_parent=True).start()
         url = server.url
     try:
         await wait_for_redis(url, 10.0)
@@ -128,39 +134,29 @@ async def start_system(settings: Settings, profile_path: Path, *, log_dir: Path,
     return System(settings, url, sup, server, log_dir)
 
 
-async def _replicas_beating(r: Any, epoch: int) -> int:
-    """Replicas of plan ``epoch`` with a heartbeat (a previous epoch's, still draining, do not count)."""
-    n = 0
-    async for key in r.scan_iter(match=keys.health_pattern("replica"), count=500):
-        raw = await r.get(key)
-        with contextlib.suppress(InvalidRequest):
-            if raw is not None and wire.decode_message(raw, "health").get("epoch") == epoch:
-                n += 1
-    return n
-
-
 async def wait_ready(system: System, timeout: float = 120.0,
                      on_wait: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Wait until a plan is published and every replica it places sends heartbeats."""
+    """Wait until a plan is published, an ingress routes by it and every group of it has a live replica."""
     r = connect(system.redis_url, settings=system.settings)
     deadline = time.monotonic() + timeout
+    replicas, ingresses = Registry(r, keys.REPLICA_KIND, 2.0), Registry(r, keys.INGRESS_KIND, 5.0)
     try:
         while True:
             view = await load_plan(r)
-            replicas = await _replicas_beating(r, view.epoch) if view is not None else 0
-            ingress = [k async for k in r.scan_iter(match=keys.health_pattern("ingress"), count=100)]
-            want = len(view.placements()) if view else -1
-            if view is not None and ingress and replicas >= want:
+            serving = serving_from((await replicas.live()).values())
+            routing = [s for s in (await ingresses.live()).values() if view is not None and s.get("epoch") == view.epoch]
+            missing = unserved(view, serving) if view is not None else ["(no plan)"]
+            if view is not None and routing and not missing:
                 return view.raw
             if on_wait is not None:
-                on_wait(f"plan={'epoch ' + str(view.epoch) if view else 'none'} ingress={len(ingress)} "
-                        f"replicas={replicas}/{max(want, 0)}")
+                on_wait(f"plan={'epoch ' + str(view.epoch) if view else 'none'} ingress={len(routing)} "
+                        f"groups without a replica={len(missing)}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"system not ready after {timeout}s; see logs in {system.log_dir}")
             for name, st in system.supervisor.status().items():
                 if st["restarts"] and int(str(st["restarts"])) >= 3:
                     raise RuntimeError(f"{name} keeps crashing; see {system.log_dir / (name + '.log')}")
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.2)
     finally:
         await r.aclose()
 

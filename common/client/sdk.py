@@ -224,8 +224,9 @@ class GraftClient:
                     for out, _ in batch:
                         if out.blob is not None:  # first the blob, then the request that names it
                             pipe.set(out.blob, out.data, px=out.ttl_ms)
-                        pipe.xadd(keys.INGRESS, {keys.FIELD: out.payload}, maxlen=self.settings.stream_maxlen,
-                                  approximate=True)
+                        # No MAXLEN: a length cap would drop requests nobody has read yet, unanswered;
+                        # the ingress trims only what every consumer is done with.
+                        pipe.xadd(keys.INGRESS, {keys.FIELD: out.payload})
                     await pipe.execute()
             except Exception as exc:  # every submit of the batch learns why its request was not sent
                 for _, sent in batch:

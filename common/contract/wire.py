@@ -6,13 +6,15 @@ Every stream entry has one field, ``m`` (see ``common.contract.keys.FIELD``), ho
      "tensor": {"dtype": "float32", "shape": [1, 64, 56, 56], "data": <bytes> | None},
      "budget_ms": float | None, "slo_ms": float | None, "device_ms": float | None,
      "deadline": float | None,          # absolute, server clock (unix seconds); set by ingress only
-     "received": float | None,          # ingress receive time (unix seconds)
+     "received": float | None,          # when Redis accepted the graft:ingress entry (unix seconds); ingress only
+     "source": str | None,              # the id of the request's graft:ingress entry; set by ingress only
      "blob": str | None}                # "graft:blob:{req_id}": the tensor's bytes are stored there
 
     {"v": 1, "kind": "reply", "req_id": str, "ok": bool,
      "tensor": {...} | None,                                     # when ok
      "error": {"code": str, "message": str, "details": {}} | None,  # when not ok
      "server_ms": float, "epoch": int | None, "group": str | None, "batch": int | None,
+     "source": str | None,                                        # the graft:ingress entry id answered
      "timings": {"ingress_ms", "queue_ms", "wait_ms", "compute_ms", ...} | None}  # where server_ms went
 
     {"v": 1, "kind": "plan", "plan": {...}}                       # the plan file's JSON shape
@@ -87,6 +89,7 @@ class Request:
     device_ms: float | None = None
     deadline: float | None = None
     received: float | None = None
+    source: str | None = None  # id of the request's graft:ingress entry (one submission), set by the ingress
     blob: str | None = None  # keys.blob(req_id) when the tensor's bytes are stored there
     blob_meta: TensorMeta | None = None  # dtype and shape of a blob tensor (from the envelope)
 
@@ -122,6 +125,7 @@ class Reply:
     group: str | None = None
     batch: int | None = None
     timings: dict[str, float] | None = None
+    source: str | None = None  # the submission answered: the request's graft:ingress entry id
 
     @classmethod
     def failure(cls, req_id: str, exc: GraftError, **kw: Any) -> Reply:
@@ -263,36 +267,46 @@ def encode_request(req: Request) -> bytes:
         "v": VERSION, "kind": "request", "req_id": req.req_id, "client": req.client, "model": req.model,
         "cut": req.cut, "tensor": tensor,
         "budget_ms": req.budget_ms, "slo_ms": req.slo_ms, "device_ms": req.device_ms,
-        "deadline": req.deadline, "received": req.received, "blob": req.blob,
+        "deadline": req.deadline, "received": req.received, "source": req.source, "blob": req.blob,
     }
     return packb(obj)
 
 
+def _peek_fields(raw: Any, wanted: frozenset[str]) -> dict[str, Any]:
+    """The top-level fields ``wanted`` of a msgpack map, read one by one so that any *other* field —
+    huge, of a wrong type, truncated after the wanted ones — cannot hide them. Best effort: {}."""
+    if not isinstance(raw, bytes | bytearray | memoryview) or len(raw) > MAX_MESSAGE_BYTES:
+        return {}
+    up = msgpack.Unpacker(raw=False, max_buffer_size=max(len(raw), 1), max_ext_len=0, strict_map_key=False)
+    found: dict[str, Any] = {}
+    try:
+        up.feed(raw)
+        for _ in range(min(up.read_map_header(), 4096)):
+            key = up.unpack()
+            if isinstance(key, str) and key in wanted:
+                found[key] = up.unpack()
+                if len(found) == len(wanted):
+                    break
+            else:
+                up.skip()
+    except Exception:  # not a map, truncated, or garbage later on: keep what was read before it
+        pass
+    return found
+
+
+_IDS = frozenset(("req_id", "client"))
+
+
 def peek_ids(raw: Any) -> tuple[str | None, str | None]:
     """Best effort ``(req_id, client)`` of a message that failed to decode, so it can still be answered."""
-    try:
-        obj = msgpack.unpackb(raw, raw=False, max_bin_len=0, max_str_len=1024, max_array_len=64,
-                              max_map_len=64, max_ext_len=0)
-    except Exception:
-        # Tensor bytes exceed max_bin_len=0 by design; retry without reading bins only if small.
-        try:
-            obj = msgpack.unpackb(raw, raw=False, max_ext_len=0) if len(raw) <= MAX_MESSAGE_BYTES else None
-        except Exception:
-            return None, None
-    if not isinstance(obj, dict):
-        return None, None
-    rid, client = obj.get("req_id"), obj.get("client")
+    got = _peek_fields(raw, _IDS)
+    rid, client = got.get("req_id"), got.get("client")
     return (rid if _short_str(rid) else None), (client if _short_str(client) else None)
 
 
 def peek_blob(raw: Any) -> bool:
     """Best effort: does a message that failed to decode name a blob (so its owner's blob can be freed)?"""
-    try:
-        obj = msgpack.unpackb(raw, raw=False, max_bin_len=0, max_str_len=1024, max_array_len=64,
-                              max_map_len=64, max_ext_len=0)
-    except Exception:
-        return False  # blob envelopes carry no bin; one that does is inline (or garbage)
-    return isinstance(obj, dict) and obj.get("blob") is not None
+    return _peek_fields(raw, frozenset(("blob",))).get("blob") is not None
 
 
 def _short_str(s: Any) -> bool:
@@ -331,7 +345,8 @@ def decode_request(raw: Any, max_tensor_bytes: int = MAX_TENSOR_BYTES) -> Reques
     return Request(
         req_id=req_id, client=client, model=model, cut=cut, tensor=tensor,
         budget_ms=_num(obj, "budget_ms"), slo_ms=_num(obj, "slo_ms"), device_ms=_num(obj, "device_ms"),
-        deadline=_num(obj, "deadline"), received=_num(obj, "received"), blob=blob, blob_meta=meta,
+        deadline=_num(obj, "deadline"), received=_num(obj, "received"), source=_str(obj, "source", required=False),
+        blob=blob, blob_meta=meta,
     )
 
 
@@ -342,7 +357,7 @@ def encode_reply(rep: Reply) -> bytes:
         "error": None if rep.error is None else
         {"code": rep.error.code, "message": rep.error.message, "details": rep.error.details},
         "server_ms": rep.server_ms, "epoch": rep.epoch, "group": rep.group, "batch": rep.batch,
-        "timings": rep.timings,
+        "timings": rep.timings, "source": rep.source,
     }
     return packb(obj)
 
@@ -377,6 +392,7 @@ def decode_reply(raw: Any) -> Reply:
         req_id=req_id, ok=ok, tensor=tensor, error=error, server_ms=_num(obj, "server_ms") or 0.0,
         epoch=epoch if isinstance(epoch, int) else None, group=group if isinstance(group, str) else None,
         batch=batch if isinstance(batch, int) else None, timings=timings,
+        source=obj.get("source") if _short_str(obj.get("source")) else None,
     )
 
 

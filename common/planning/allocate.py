@@ -3,12 +3,15 @@
 For a group with per-cut rates ``Λ_c`` (total ``Λ``) and tightest budget ``T`` the search evaluates
 every integer batch ``B`` in ``1..max grid batch`` at every grid share ``g`` at once:
 
-    L(B, g)  re-aligned latency at the expected composition n_c = B·Λ_c/Λ (section 2)
+    L(B, g)  re-aligned latency at the expected composition n_c = B·Λ_c/Λ (section 2); a block range
+             whose expected batch is below one request runs in only that fraction of the batches
+             and is weighted so (``profiles.below_one``)
     feasible 2·L(B, g) <= T
     n        max(1, ceil(Λ/ρ · L/B))        (L in seconds; a group always holds one replica)
     cost     n · g
 
-and keeps the cheapest, breaking ties by fewer replicas, then lower latency, then smaller batch.
+and keeps the cheapest, breaking ties by fewer replicas, then the larger batch (headroom for bursts
+at no cost), then lower latency.
 Taking every ``B`` rather than only the largest feasible one per share costs nothing extra here and
 never does worse, also on profiles whose per-request time ``L/B`` is not monotone.
 
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from common.profiles import ModelProfile
+from common.profiles import ModelProfile, below_one
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -109,13 +112,14 @@ class GroupAllocator:
     def _ranges_latency(self, lo: IntArray, hi: IntArray, joined: FloatArray) -> FloatArray:
         if self._range_table is None:  # T[lo, hi] = Σ_{lo<=j<hi}: one gather per evaluation
             self._range_table = self._prefix[None, :] - self._prefix[:, None]
-        b = self.batch_sizes[:, None] * joined[None, :]  # (B, ranges): batch seen by each range
-        np.maximum(b, self._grid[0], out=b)
+        raw = self.batch_sizes[:, None] * joined[None, :]  # (B, ranges): expected batch seen by each range
+        b = np.maximum(raw, self._grid[0])
         seg = np.searchsorted(self._inner, b, side="right")
         offset = b - self._grid[seg]
         parts = self._range_table[lo, hi, seg]  # (B, ranges, 2 · shares)
         n_shares = len(self.shares)
         parts[..., n_shares:] *= offset[..., None]
+        parts *= below_one(raw)[..., None]  # ranges that run in only some batches
         out: FloatArray = parts.sum(axis=1).reshape(len(b), 2, n_shares).sum(axis=1)
         return out
 
@@ -149,12 +153,22 @@ class GroupAllocator:
             return None
         replicas = np.maximum(1.0, np.ceil(lat * self.per_batch * (total_rate / self.rho / 1000.0) - CEIL_SLACK))
         cost = np.where(feasible, replicas * self._share_f, np.inf)
-        # lexicographic on cost, replicas, latency; the sort is stable and rows are batches, so a tie
-        # left after that goes to the smaller batch
-        order = np.lexsort((lat.ravel(), replicas.ravel(), cost.ravel()))
+        # lexicographic on cost, replicas, then the *largest* batch: at equal cost a larger max batch is
+        # pure headroom (replicas batch eagerly, so it only grows when a queue builds, and still finishes
+        # within 2·L(B) <= T); then the lower latency (a smaller share at equal cost is not possible)
+        batch = np.broadcast_to(self.batch_sizes[:, None], lat.shape)
+        order = np.lexsort((lat.ravel(), -batch.ravel(), replicas.ravel(), cost.ravel()))
         i, k = divmod(int(order[0]), lat.shape[1])
         return Allocation(batch=i + 1, share=int(self.shares[k]), replicas=int(replicas[i, k]),
                           latency_ms=float(lat[i, k]))
+
+    def latency_table(self, cut_rates: Mapping[int, float], share: int, batch: int) -> tuple[float, ...]:
+        """``L(b)`` in ms for b = 1..batch at share ``share`` and the expected composition of ``cut_rates``."""
+        k = int(np.searchsorted(self.shares, share))
+        if k >= len(self.shares) or self.shares[k] != share:
+            raise ValueError(f"share {share} is not on the grid {self.shares.tolist()}")
+        column = self.latency_grid(cut_rates)[:batch, k]
+        return tuple(float(x) for x in column)
 
     def alone_latency(self, cut: int) -> tuple[float, int]:
         """Fastest batch-1 latency of ``cut`` alone over the grid shares, and the share that gives it."""

@@ -7,8 +7,8 @@ then holds as many threads as the profile's largest grid share, the whole host i
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 
 from common.planning.types import GPU_CAPACITY, MAX_CLIENTS_PER_DEVICE, DevicePlacement, Group
 from common.profiles import Profile
@@ -48,3 +48,40 @@ def place(groups: Iterable[Group], kind: DeviceKind) -> tuple[DevicePlacement, .
             used.append(share)
             held.append([(gid, share)])
     return tuple(DevicePlacement(kind.name(i), tuple(h)) for i, h in enumerate(held))
+
+
+def fill_headroom(groups: Sequence[Group], placement: Sequence[DevicePlacement], kind: DeviceKind) -> tuple[
+        tuple[Group, ...], tuple[DevicePlacement, ...]]:
+    """Give the share a device has left to more replicas of the groups already on it.
+
+    The plan is the least share that meets every budget at the expected load; on a host Graft owns
+    (a CPU host: a device is its cores) the rest would only idle. Each free slot goes to the group on
+    that device with the highest expected utilisation per replica (rate · L(B)/B / n) whose share fits,
+    until nothing fits. The added replicas are counted as the group's ``spares``: headroom for bursts
+    and a replica's death, not part of what the load requires (``Plan.required_share``).
+    """
+    by_id = {g.id: g for g in groups}
+    extra: dict[str, int] = {}
+    out_placement: list[DevicePlacement] = []
+
+    def load(gid: str) -> float:
+        g = by_id[gid]
+        n = g.replicas + extra.get(gid, 0)
+        return g.rate_rps * (g.latency_ms / 1000.0) / max(g.batch, 1) / max(n, 1)
+
+    for dev in placement:
+        free = kind.capacity - dev.used
+        reps = list(dev.replicas)
+        while len(reps) < kind.max_clients:
+            fits = sorted({gid for gid, share in reps if share <= free}, key=lambda gid: (-load(gid), gid))
+            if not fits:
+                break
+            gid = fits[0]
+            share = by_id[gid].share
+            reps.append((gid, share))
+            extra[gid] = extra.get(gid, 0) + 1
+            free -= share
+        out_placement.append(DevicePlacement(dev.device, tuple(reps)))
+    out_groups = tuple(replace(g, replicas=g.replicas + extra.get(g.id, 0), spares=g.spares + extra.get(g.id, 0))
+                       for g in groups)
+    return out_groups, tuple(out_placement)

@@ -70,7 +70,9 @@ def infeasibility(profile: Profile, f: Fragment, allocators: dict[str, GroupAllo
 
 
 def plan(profile: Profile, fragments: Sequence[Fragment], policy: str, rho: float = 0.9, epoch: int = 0,
-         *, profile_name: str | None = None, oracle_limit: int = ORACLE_LIMIT) -> Plan:
+         *, profile_name: str | None = None, oracle_limit: int = ORACLE_LIMIT, spares: int = 0) -> Plan:
+    """``spares``: serving replicas added to every group beyond what its rate needs (N+1), so a group
+    survives a replica's death without a gap; they count in the plan's cost."""
     if policy not in POLICIES:
         raise PlanningError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     if not 0.0 < rho <= 1.0:
@@ -92,7 +94,7 @@ def plan(profile: Profile, fragments: Sequence[Fragment], policy: str, rho: floa
     for model in sorted(by_model):
         allocator = allocators[model]
         members = _partition(by_model[model], policy, allocator)
-        groups.extend(_build_groups(model, members, allocator))
+        groups.extend(_build_groups(model, members, allocator, spares))
     return Plan(epoch=epoch, policy=policy, profile=profile_name or str(profile.meta.get("name", profile.device)),
                 rho=rho, groups=tuple(groups), infeasible=tuple(infeasible),
                 placement=place(groups, device_kind(profile)), routes=routes(groups, ok))
@@ -117,7 +119,8 @@ def _partition(frags: list[Fragment], policy: str, allocator: GroupAllocator) ->
     return [[by_id[i] for k in g for i in units_sorted[k].members] for g in partition]
 
 
-def _build_groups(model: str, members: list[list[Fragment]], allocator: GroupAllocator) -> list[Group]:
+def _build_groups(model: str, members: list[list[Fragment]], allocator: GroupAllocator,
+                  spares: int = 0) -> list[Group]:
     built: list[tuple[tuple[int, float, str], Group]] = []
     for frags in members:
         rates: dict[int, float] = {}
@@ -130,8 +133,9 @@ def _build_groups(model: str, members: list[list[Fragment]], allocator: GroupAll
         ids = tuple(sorted(f.id for f in frags))
         cuts = tuple(sorted(rates))
         group = Group(id="", model=model, fragments=ids, cuts=cuts, batch=alloc.batch, share=alloc.share,
-                      replicas=alloc.replicas, latency_ms=alloc.latency_ms, rate_rps=sum(rates.values()),
-                      min_budget_ms=budget)
+                      replicas=alloc.replicas + spares, latency_ms=alloc.latency_ms, rate_rps=sum(rates.values()),
+                      min_budget_ms=budget, latency_table_ms=allocator.latency_table(rates, alloc.share, alloc.batch),
+                      spares=spares)
         built.append(((cuts[0], budget, ids[0]), group))
     built.sort(key=lambda kg: kg[0])
     return [replace(g, id=f"{model}-g{i}") for i, (_, g) in enumerate(built)]

@@ -93,6 +93,8 @@ class Group:
     latency_ms: float
     rate_rps: float
     min_budget_ms: float
+    latency_table_ms: tuple[float, ...] = ()  # L(b), b = 1..batch, at the group's expected composition
+    spares: int = 0  # of ``replicas``, how many are spares (N+1): serving, but not needed for the rate
 
     @property
     def cost(self) -> int:
@@ -102,7 +104,8 @@ class Group:
         return {"id": self.id, "model": self.model, "fragments": list(self.fragments),
                 "cuts": list(self.cuts), "batch": self.batch, "share": self.share,
                 "replicas": self.replicas, "latency_ms": self.latency_ms, "rate_rps": self.rate_rps,
-                "min_budget_ms": self.min_budget_ms}
+                "min_budget_ms": self.min_budget_ms, "latency_table_ms": [round(x, 4) for x in self.latency_table_ms],
+                "spares": self.spares}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Group:
@@ -110,7 +113,9 @@ class Group:
                    fragments=tuple(str(f) for f in d["fragments"]),
                    cuts=tuple(int(c) for c in d["cuts"]), batch=int(d["batch"]), share=int(d["share"]),
                    replicas=int(d["replicas"]), latency_ms=float(d["latency_ms"]),
-                   rate_rps=float(d.get("rate_rps", 0.0)), min_budget_ms=float(d.get("min_budget_ms", 0.0)))
+                   rate_rps=float(d.get("rate_rps", 0.0)), min_budget_ms=float(d.get("min_budget_ms", 0.0)),
+                   latency_table_ms=tuple(float(x) for x in d.get("latency_table_ms") or ()),
+                   spares=int(d.get("spares", 0) or 0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +155,11 @@ class Plan:
         return sum(g.cost for g in self.groups)
 
     @property
+    def required_share(self) -> int:
+        """The share the load needs: every replica but the spares (N+1, headroom on an owned host)."""
+        return sum((g.replicas - g.spares) * g.share for g in self.groups)
+
+    @property
     def gpus(self) -> int:
         return len(self.placement)
 
@@ -166,7 +176,8 @@ class Plan:
             "infeasible": [{"id": i.id, "reason": i.reason} for i in self.infeasible],
             "placement": [{"device": d.device, "replicas": [{"group": g, "share": s} for g, s in d.replicas]}
                           for d in self.placement],
-            "routes": self.routes, "total_share": self.total_share, "gpus": self.gpus,
+            "routes": self.routes, "total_share": self.total_share, "required_share": self.required_share,
+            "gpus": self.gpus,
         }
 
     @classmethod

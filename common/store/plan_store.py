@@ -10,12 +10,14 @@ across a reconnect, and switching happens at batch boundaries anyway.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
 from redis.exceptions import WatchError
 
 from common.contract import keys, wire
+from common.contract.errors import GraftError
 from common.contract.routing import PlanView
 
 HISTORY_MAXLEN = 1000
@@ -30,6 +32,24 @@ async def load_plan(r: Any) -> PlanView | None:
     if raw is None:
         return None
     return PlanView(wire.decode_plan(raw))
+
+
+async def find_plan(r: Any, epoch: int, *, page: int = 100) -> PlanView | None:
+    """The plan of ``epoch``: the current one, else from the published history (newest first)."""
+    current = await load_plan(r)
+    if current is not None and current.epoch == epoch:
+        return current
+    upper = "+"
+    while True:
+        rows = await r.xrevrange(keys.PLANS, max=upper, min="-", count=page)
+        for entry_id, fields in rows:
+            with contextlib.suppress(GraftError):
+                view = PlanView(wire.decode_plan(fields[keys.FIELD]))
+                if view.epoch == epoch:
+                    return view
+            upper = "(" + (entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id))
+        if len(rows) < page:
+            return None
 
 
 async def publish_plan(r: Any, plan: Mapping[str, Any]) -> int:

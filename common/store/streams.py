@@ -189,6 +189,37 @@ async def trim(r: Redis, stream: str, *, max_age_ms: float, maxlen: int | None =
     return removed
 
 
+async def safe_trim(r: Redis, stream: str, *, max_age_ms: float) -> int:
+    """Drop entries older than ``max_age_ms`` (Redis clock) that no consumer group still owes anything:
+    never past a group's last delivered entry, never past its oldest pending one. Nothing is lost
+    unanswered by trimming; returns how many entries went.
+
+    Approximate trimming only frees whole radix-tree nodes (~100 entries), which is what makes it cheap.
+    """
+    secs, micros = await r.time()
+    cutoff = (max(0, int(secs) * 1000 + int(micros) // 1000 - int(max_age_ms)), 0)
+    try:
+        groups = await r.xinfo_groups(stream)
+    except ResponseError:
+        return 0  # no such stream
+    for g in groups:
+        delivered = _id_key(_sid(g.get("last-delivered-id", "0-0")))
+        cutoff = min(cutoff, (delivered[0], delivered[1] + 1))
+        if int(g.get("pending", 0) or 0):
+            summary = await r.xpending(stream, _sid(g.get("name", b"")))
+            oldest = summary.get("min") if isinstance(summary, dict) else None
+            if oldest is not None:
+                cutoff = min(cutoff, _id_key(_sid(oldest)))
+    if cutoff <= (0, 0):
+        return 0
+    return int(await r.xtrim(stream, minid=f"{cutoff[0]}-{cutoff[1]}", approximate=True))
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms or 0), int(seq or 0)
+
+
 async def deliveries(r: Redis, stream: str, group: str, ids: Sequence[str]) -> dict[str, int]:
     """Delivery counts of pending entries (XPENDING extended form); ids not pending are absent."""
     if not ids:

@@ -2,9 +2,12 @@
 
 Every valid request counts toward its fragment, routed or shed: shed requests are demand the plan
 failed to serve, and hiding them would make the planner size groups for the load it already turns
-away. Budgets are kept as a bounded uniform sample (reservoir) per fragment so a flood cannot grow
-memory; the minimum is exact. ``flush`` returns the body of one ``stats`` message (runtime contract)
-and starts the next window.
+away. Budgets are also counted in geometric *budget classes* (each ``common.admission.BUDGET_RATIO`` wide, with the
+exact minimum of each), so the planner can serve one ``(model, cut)`` as several budget classes — and
+set a hopeless class aside — instead of letting its tightest client decide for all
+(``budgets: [[min_budget_ms, count], ...]``). A bounded uniform sample (reservoir) per fragment gives
+the median, so a flood cannot grow memory. ``flush`` returns the body of one ``stats`` message
+(runtime contract) and starts the next window.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.admission import budget_class
+
 SAMPLE_CAP = 2048
 
 
@@ -24,6 +29,7 @@ class _Fragment:
     count: int = 0
     min_budget_ms: float = math.inf
     sample: list[float] = field(default_factory=list)
+    classes: dict[int, list[float]] = field(default_factory=dict)  # class -> [min budget, count]
 
 
 class StatsWindow:
@@ -43,6 +49,12 @@ class StatsWindow:
             frag = self._fragments[(model, cut)] = _Fragment()
         frag.count += 1
         frag.min_budget_ms = min(frag.min_budget_ms, budget_ms)
+        cls = frag.classes.get(k := budget_class(budget_ms))
+        if cls is None:
+            frag.classes[k] = [budget_ms, 1.0]
+        else:
+            cls[0] = min(cls[0], budget_ms)
+            cls[1] += 1
         if len(frag.sample) < self.sample_cap:
             frag.sample.append(budget_ms)
         else:
@@ -66,7 +78,8 @@ class StatsWindow:
         """The ``stats`` message body for the window ending at ``now``; the next window starts there."""
         fragments = [
             {"model": model, "cut": cut, "count": f.count, "min_budget_ms": f.min_budget_ms,
-             "p50_budget_ms": float(statistics.median(f.sample))}
+             "p50_budget_ms": float(statistics.median(f.sample)),
+             "budgets": [[c[0], int(c[1])] for _, c in sorted(f.classes.items())]}
             for (model, cut), f in sorted(self._fragments.items())
         ]
         body: dict[str, Any] = {

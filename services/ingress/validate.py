@@ -14,12 +14,12 @@ the answer.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import numpy as np
 
+from common import admission
+from common.admission import FLOAT32, Limits, sane_id
 from common.contract import wire
 from common.contract.errors import BadTensor, InvalidRequest, UnknownModel
 from common.model.zoo import ModelInfo, describe
@@ -28,19 +28,7 @@ from common.model.zoo import ModelInfo, describe
 ENVELOPE_SLACK_BYTES = 64 * 1024
 
 Describe = Callable[[str, int | None], ModelInfo]
-FLOAT32 = np.dtype(np.float32).name
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_tensor_bytes: int
-    max_slo_ms: float
-
-
-def sane_id(value: object) -> bool:
-    """Ids become part of Redis key names: printable, no whitespace, bounded."""
-    # isprintable() already refuses every whitespace but the ASCII space.
-    return isinstance(value, str) and 0 < len(value) <= wire.MAX_STR and value.isprintable() and " " not in value
+__all__ = ["FLOAT32", "Limits", "ModelCatalog", "Validator", "answerable_ids", "blob_error", "sane_id"]
 
 
 def answerable_ids(raw: object) -> tuple[str, str] | None:
@@ -105,50 +93,18 @@ class Validator:
             raise InvalidRequest(f"message of {len(raw)} bytes exceeds the limit of "
                                  f"{self.limits.max_tensor_bytes} tensor bytes", size=len(raw))
         req = wire.decode_request(raw)
-        if not sane_id(req.req_id) or not sane_id(req.client):
-            raise InvalidRequest("req_id and client must be printable strings without whitespace")
+        admission.check_ids(req.req_id, req.client)
         # An inline tensor is checked on the array itself (the hot path: no metadata object per request).
         t = req.tensor
         meta = (t.dtype.name if t.dtype != np.float32 else FLOAT32, t.shape, t.nbytes) if t is not None else (
             None if req.blob_meta is None else (req.blob_meta.dtype, req.blob_meta.shape, req.blob_meta.nbytes))
-        if meta is not None and meta[2] > self.limits.max_tensor_bytes:
-            raise InvalidRequest(f"tensor of {meta[2]} bytes exceeds the limit of "
-                                 f"{self.limits.max_tensor_bytes}", size=meta[2])
-        expected = self.catalog.cut_shape(req.model, req.cut)  # UNKNOWN_MODEL, BAD_CUT
-        self._check_tensor(req, meta, expected)
-        req.budget_ms = self._budget(req)
-        return req
-
-    def _check_tensor(self, req: wire.Request, meta: tuple[str, tuple[int, ...], int] | None,
-                      expected: tuple[int, ...]) -> None:
-        """``meta``: the tensor's (dtype name, shape, bytes), inline or blob."""
         if meta is None:  # decode_request never leaves both out
             raise BadTensor("request carries neither a tensor nor a blob key")
-        dtype, shape, _ = meta
-        if dtype != FLOAT32:
-            raise BadTensor(f"tensor dtype must be float32, got {dtype}", expected=FLOAT32, got=dtype)
-        if shape != expected:
-            raise BadTensor(
-                f"{req.model} at cut {req.cut} expects a per-request tensor of shape {list(expected)} "
-                f"(no batch dimension), got {list(shape)}",
-                expected=list(expected), got=list(shape),
-            )
-
-    def _budget(self, req: wire.Request) -> float:
-        if req.device_ms is not None and req.device_ms < 0:
-            raise InvalidRequest(f"device_ms must not be negative, got {req.device_ms}")
-        if req.slo_ms is not None and not 0 < req.slo_ms <= self.limits.max_slo_ms:
-            raise InvalidRequest(f"slo_ms must be in (0, {self.limits.max_slo_ms:g}], got {req.slo_ms:g}")
-        budget = req.server_budget_ms()
-        if budget is None:
-            raise InvalidRequest("request carries no budget: set budget_ms, or slo_ms (and device_ms)")
-        if not math.isfinite(budget) or budget <= 0:
-            raise InvalidRequest(f"server budget must be a positive number of ms, got {budget:g}",
-                                 budget_ms=budget)
-        if budget > self.limits.max_slo_ms:
-            raise InvalidRequest(f"server budget of {budget:g} ms exceeds the limit of "
-                                 f"{self.limits.max_slo_ms:g} ms", budget_ms=budget)
-        return budget
+        admission.check_size(meta[2], self.limits)
+        expected = self.catalog.cut_shape(req.model, req.cut)  # UNKNOWN_MODEL, BAD_CUT
+        admission.check_tensor(req.model, req.cut, meta[0], meta[1], expected)
+        req.budget_ms = admission.server_budget_ms(req, self.limits)
+        return req
 
 
 def blob_error(req: wire.Request, strlen: object) -> BadTensor | None:

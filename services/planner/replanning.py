@@ -4,6 +4,11 @@ The planner re-plans when the traffic drifted past a threshold and the current e
 (hysteresis: a minimum epoch length stops a noisy rate from flapping plans), or at once when an admin
 asks. Admin overrides survive re-plans: a group pinned with ``graft scale`` keeps at least its
 replicas while a group with the same model and cuts exists, and drained devices receive no replicas.
+
+``graft plan apply`` (control ``{"cmd": "plan", "workload", "policy"?, "hold"?}``) plans a given
+workload — with the given policy — instead of the observed one; with ``hold`` the planner then keeps
+that plan (no drift or calibration re-plan) until ``{"cmd": "release"}``. Benchmarks use it so the
+plan in force at each load point is made for that point, and never changes during a measurement.
 Every plan's placement is then mapped onto the devices live worker agents host
 (``services/planner/devices.py``); replicas no live device can take are listed under ``unplaced``.
 """
@@ -14,7 +19,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from common.planning.place import device_kind, place
+from common.planning.place import device_kind, fill_headroom, place
 from common.planning.policies import plan as make_plan
 from common.planning.types import Group, Plan, workload_from_dict
 from common.profiles import Profile
@@ -29,12 +34,25 @@ class Steering:
 
     pinned: dict[GroupKey, int] = field(default_factory=dict)
     drained: set[str] = field(default_factory=set)
+    workload: dict[str, Any] | None = None  # an explicit workload to plan (``plan`` command)
+    policy: str | None = None  # the policy of that plan (None: the service's)
+    hold: bool = False  # keep the current plan: no drift or calibration re-plans
 
     def apply(self, cmd: Mapping[str, Any], current: Mapping[str, Any] | None) -> str:
         """Record one control command; returns a short description (raises ValueError when malformed)."""
         kind = cmd.get("cmd")
         if kind == "replan":
             return "replan"
+        if kind == "plan":
+            workload, policy = cmd.get("workload"), cmd.get("policy")
+            workload_from_dict(workload if isinstance(workload, Mapping) else {})  # raises when malformed
+            if policy is not None and policy not in ("graft", "per-cut"):
+                raise ValueError(f"plan: policy must be graft or per-cut, got {policy!r}")
+            self.workload, self.policy, self.hold = dict(workload), policy, bool(cmd.get("hold", False))  # type: ignore[arg-type]
+            return f"plan {len(self.workload['fragments'])} fragments" + (f" with {policy}" if policy else "")
+        if kind == "release":
+            self.workload, self.policy, self.hold = None, None, False
+            return "release"
         if kind == "scale":
             gid, n = cmd.get("group"), cmd.get("replicas")
             if not isinstance(n, int) or n < 1:
@@ -56,7 +74,8 @@ class Steering:
 
 def next_plan(profile: Profile, workload: Mapping[str, Any], *, epoch: int, rho: float, steering: Steering,
               profile_name: str, policy: str = "graft", live: Collection[str] | None = None,
-              all_cpu: AllCpu = False, previous: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+              all_cpu: AllCpu = False, previous: Sequence[Mapping[str, Any]] | None = None,
+              spares: int = 0, fill: bool = True) -> dict[str, Any]:
     """Plan ``workload`` with ``policy``, apply pins, then put the placement on live, non-drained devices.
 
     ``live``: device names live worker agents host (``None``: unknown, keep positional names);
@@ -66,8 +85,11 @@ def next_plan(profile: Profile, workload: Mapping[str, Any], *, epoch: int, rho:
     names nobody hosts) whose replicas no live device could take, ``[{"device", "replicas": count}]``.
     """
     fragments = workload_from_dict(workload)
-    plan = make_plan(profile, fragments, policy, rho=rho, epoch=epoch, profile_name=profile_name)
+    plan = make_plan(profile, fragments, policy, rho=rho, epoch=epoch, profile_name=profile_name, spares=spares)
     plan = _apply_pins(plan, steering.pinned, profile)
+    if fill and profile.unit == "cpu_threads":
+        groups, placement = fill_headroom(plan.groups, plan.placement, device_kind(profile))
+        plan = replace(plan, groups=groups, placement=placement)
     out = plan.to_dict()
     assigned = assign_devices(out["placement"], live, steering.drained, all_cpu=all_cpu, previous=previous)
     out["placement"] = assigned.placement

@@ -38,6 +38,7 @@ from common.metrics import LATENCY_SCALE, PLAN_EPOCH, PLAN_UNPLACED
 from common.profiles import Profile, ProfileError, shipped
 from common.settings import Settings
 from common.store.plan_store import StaleEpoch, annotate_plan, load_plan, publish_plan
+from common.store.registry import Registry
 from common.store.streams import StreamConsumer, ensure_group
 from services.lifecycle import Heartbeat
 from services.planner.calibration import Calibration
@@ -46,12 +47,14 @@ from services.planner.observed import TrafficWindow, build_workload, drift, pars
 from services.planner.replanning import Steering, next_plan, same_serving
 from services.planner.sweeper import sweeping
 
-BOOTSTRAP_RPS = 1.0       # nominal rate per fragment before any traffic is seen
-FLOOR_RPS = 0.05          # rate kept for cuts nobody uses, so every (model, cut) stays routable
+BOOTSTRAP_RPS = 1.0       # nominal rate per cut before any traffic is seen
+FLOOR_RPS = 0.05          # a served model without traffic keeps one minimal group (its cut 0 at this rate)
 DEFAULT_BUDGET_MS = 200.0  # budget assumed for fragments never seen
 WINDOW_S = 20.0
 DEVICE_POLL_S = 1.0        # worker heartbeats are read this often (agents beat every 1 s, TTL 5 s)
-DEVICE_GRACE_S = 3.0       # a device counts as gone once missing this long (and from 2 scans in a row)
+DEVICE_GRACE_S = 3.0
+WORKER_TTL_S = 5.0
+REPLICA_TTL_S = 2.0       # a device counts as gone once missing this long (and from 2 scans in a row)
 
 
 def load_profile(settings: Settings) -> tuple[Profile, str]:
@@ -84,6 +87,8 @@ class Planner:
         self.device_poll_s = DEVICE_POLL_S
         self._devices_read_at = float("-inf")
         self.calibration = Calibration()
+        self.workers = Registry(r, keys.WORKER_KIND, WORKER_TTL_S)
+        self.replicas = Registry(r, keys.REPLICA_KIND, REPLICA_TTL_S)
 
     def planning_profile(self) -> Profile:
         """The profile plans are made with: latencies scaled by the calibrated factors."""
@@ -99,8 +104,11 @@ class Planner:
     async def publish(self, workload: dict[str, Any], reason: str, *, forced: bool = True) -> dict[str, Any]:
         epoch = (int(self.current["epoch"]) if self.current else 0) + 1
         plan = next_plan(self.planning_profile(), workload, epoch=epoch, rho=self.settings.rho, steering=self.steering,
-                         profile_name=self.profile_name, policy=self.settings.policy, live=self.devices.live,
-                         all_cpu=self.devices.all_cpu_nodes, previous=(self.current or {}).get("placement"))
+                         profile_name=self.profile_name, policy=self.steering.policy or self.settings.policy,
+                         live=self.devices.live, all_cpu=self.devices.all_cpu_nodes,
+                         previous=(self.current or {}).get("placement"), spares=self.settings.spare_replicas)
+        if self.steering.hold:
+            plan["hold"] = True
         if self.calibration.applied:
             plan["latency_scale"] = dict(self.calibration.applied)
         if not forced and self.current is not None and same_serving(self.current, plan):
@@ -167,19 +175,10 @@ class Planner:
         self.report_unplaced(self.current, before)
 
     async def read_worker_devices(self) -> tuple[set[str], set[str]]:
-        """Devices named by live worker heartbeats, and the nodes where one of them serves every cpu device."""
-        names = [k async for k in self.r.scan_iter(match=keys.health_pattern("worker"), count=500)]
+        """Devices named by live worker agents (registry), and the nodes where one of them serves every cpu device."""
         seen: set[str] = set()
         all_cpu: set[str] = set()
-        if not names:
-            return seen, all_cpu
-        for raw in await self.r.mget(names):
-            if raw is None:  # expired between SCAN and MGET
-                continue
-            try:
-                status = wire.decode_message(raw, "health")
-            except InvalidRequest:
-                continue  # not a heartbeat: ignore it, it says nothing about devices
+        for status in (await self.workers.live()).values():
             devices, whole_cpu = parse_worker_status(status)
             seen.update(devices)
             if whole_cpu is not None:
@@ -187,31 +186,23 @@ class Planner:
         return seen, all_cpu
 
     async def read_replica_statuses(self) -> list[dict[str, Any]]:
-        """The decoded heartbeats of live replicas (malformed ones skipped)."""
-        names = [k async for k in self.r.scan_iter(match=keys.health_pattern("replica"), count=500)]
-        out: list[dict[str, Any]] = []
-        for raw in (await self.r.mget(names)) if names else []:
-            if raw is None:  # expired between SCAN and MGET
-                continue
-            try:
-                out.append(wire.decode_message(raw, "health"))
-            except InvalidRequest:
-                continue
-        return out
+        """The statuses of live replicas (registry)."""
+        return list((await self.replicas.live()).values())
 
     async def calibrate(self) -> bool:
         """Re-plan with re-scaled profile latencies when replicas measure a model off the band.
 
         Waits for the minimum epoch length like a drift. True if the epoch moved.
         """
-        if self.current is None or time.monotonic() - self.published_at < self.settings.replan_s:
+        if self.current is None or self.steering.hold:
             return False
+        now = time.monotonic()
         view = PlanView(self.current)
-        proposal = self.calibration.decide(await self.read_replica_statuses(), view)
-        if proposal is None:
+        proposal = self.calibration.decide(await self.read_replica_statuses(), view, now)
+        if proposal is None or now - self.published_at < self.settings.replan_s:
             return False
         before = dict(self.calibration.applied)
-        self.calibration.apply(proposal)
+        self.calibration.apply(proposal, now)
         self.report_scale()
         self.log.info(logs.Event.LATENCY_CALIBRATED, epoch=view.epoch, before=before,
                       after=dict(self.calibration.applied))
@@ -269,16 +260,23 @@ class Planner:
                 self.hb.status.update(status="running", epoch=view.epoch)
                 self.hb.ready = True
             return
-        await self.publish(build_workload({}, self.served, floor_rps=BOOTSTRAP_RPS,
+        await self.publish(build_workload({}, self.served, bootstrap_rps=BOOTSTRAP_RPS,
                                           default_budget_ms=DEFAULT_BUDGET_MS), "bootstrap")
 
     def observed_workload(self) -> dict[str, Any]:
-        return build_workload(self.window.fragments(time.time()), self.served, floor_rps=FLOOR_RPS,
-                              default_budget_ms=DEFAULT_BUDGET_MS)
+        if self.steering.workload is not None:
+            return self.steering.workload
+        observed = build_workload(self.window.fragments(time.time()), self.served)
+        seen = {f["model"] for f in observed["fragments"]}
+        quiet = {m: n for m, n in self.served.items() if m not in seen}
+        # A served model nobody uses now keeps one minimal group (cut 0 routes every cut of it).
+        observed["fragments"] += [{"id": f"{m}:0:idle", "model": m, "cut": 0, "rate_rps": FLOOR_RPS,
+                                   "budget_ms": DEFAULT_BUDGET_MS} for m in sorted(quiet)]
+        return observed
 
     async def maybe_replan(self, *, force: str | None = None) -> bool:
         if force is None:
-            if time.monotonic() - self.published_at < self.settings.replan_s:
+            if self.steering.hold or time.monotonic() - self.published_at < self.settings.replan_s:
                 return False
             observed = self.window.fragments(time.time())
             if not observed:
@@ -291,7 +289,8 @@ class Planner:
             before = (self.current or {}).get("epoch")
             plan = await self.publish(workload, f"drift {d:.2f}", forced=False)
             return plan.get("epoch") != before
-        await self.publish(self.observed_workload() if self.window.fragments(time.time())
+        explicit = self.steering.workload is not None or self.window.fragments(time.time())
+        await self.publish(self.observed_workload() if explicit
                            else {"fragments": (self.current or {}).get("workload", [])}, force)
         return True
 

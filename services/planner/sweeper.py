@@ -1,37 +1,31 @@
-"""The retired-stream sweeper: requests stranded in a group stream of a retired epoch still get a reply.
+"""The orphan sweeper: requests stranded in a group stream nobody reads still get a timely reply.
 
-Plan switches are make-before-break: the replicas of a retired epoch drain their stream and exit. But
-when a worker agent or its replicas die while such a stream still holds entries (undelivered, or
-pending under a dead consumer), nothing brings a replica of that epoch back — agents only start
-replicas of the current plan — and a switch that timed out can leave entries in a stream whose group
-never had a replica. The planner runs this sweeper beside its loop so those requests are answered.
+A group stream is *orphaned* when no live replica reads it (the replica registry says which streams
+each live replica reads) for ``orphan_grace_s`` (1 s by default). That happens when replicas die
+without draining — a worker agent and its replicas killed at once, a host lost — and, for a retired
+epoch's stream, when the replicas that drained it are gone before it was empty. The planner runs this
+sweeper beside its loop (any number of planners may: every move is guarded, see below).
 
-Every ``interval_s`` one pass:
+Every ``interval_s`` (0.5 s) one pass looks at the current plan's streams and at the retired ones it
+has seen in plans (no keyspace scan):
 
-1. SCANs ``graft:group:*`` and keeps the streams whose epoch is below the current plan's;
-2. skips a stream retired for less than ``retired_grace_s`` (first seen retired by this sweeper;
-   default ``switch_timeout_s + 10 s``), so the normal drain — and an ingress still waiting out
-   ``GRAFT_SWITCH_TIMEOUT_S`` — always wins the race;
-3. skips a stream a live replica serves: a ``graft:health:replica:*`` heartbeat names its epoch and
-   group (matched by ``(epoch, group)``, never by consumer name: replica names repeat across epochs),
-   or a consumer of the workers' group other than this sweeper was active less than the idle grace ago
-   (default ``max(2 × worst batch time, 10 s)``, the worst batch time being the largest ``latency_ms``
-   of the retired group and of the current plan's groups);
-4. sweeps the rest (*abandoned*): pending entries idle longer than the idle grace are XAUTOCLAIMed
-   (``common.store.reaper.Reaper``: cursor followed, deleted entries acked on Redis 6.2 and 7, poison
-   dead-lettered), then own pending and undelivered entries are read (``StreamConsumer``). Each entry
-   is decoded: malformed → dead letter (and an error reply when its ids can be read); deadline passed
-   → ``DEADLINE_EXCEEDED``; model not in the current plan → ``UNKNOWN_MODEL``; no group for its cut →
-   ``BAD_CUT`` (an answered request's blob ``keys.blob(req_id)`` is deleted with its reply); else its
-   payload, unchanged (same ``req_id``, ``received``, ``deadline``, blob), is XADDed to the current
-   epoch's stream of its group. A re-route is one Lua script — still pending here? XADD
-   to the new stream, then XACK — so two planners sweeping at once cannot route an entry twice, and a
-   failed XADD leaves it pending. Replies go through ``ReplySender`` (idempotent by ``req_id``) and
-   are acked in the same pipelined round trip;
-5. DELs the stream once it has nothing undelivered or pending, under WATCH, so an entry that arrives
-   meanwhile aborts the delete and waits for the next pass.
+* a **retired** orphaned stream is swept whole: pending entries idle longer than the idle grace are
+  XAUTOCLAIMed (``common.store.reaper.Reaper``: cursor followed, poison dead-lettered), then own
+  pending and undelivered entries are read. Each entry is decoded: malformed → dead letter (and an
+  error reply when its ids can be read); deadline passed → ``DEADLINE_EXCEEDED``; model not in the
+  current plan → ``UNKNOWN_MODEL``; else its payload, unchanged (same ``req_id``, ``received``,
+  ``deadline``, blob), is re-routed to the current epoch's stream of its group. The stream is DELeted
+  once it has nothing undelivered or pending (under WATCH: a late entry aborts the delete);
+* a **current** orphaned stream keeps its requests for the replicas that will come back, but none may
+  wait past its deadline for them: expired entries are answered ``DEADLINE_EXCEEDED`` at once, the
+  others are re-routed to another live group of the model when one exists, else put back at the end
+  of the same stream as new entries (so the returning replica reads them as new) — at most once per
+  pass per entry.
 
-One ``retired_stream_swept`` log line per swept stream; ``graft_swept_total{outcome}`` counts entries.
+A re-route is one Lua script — still pending here? XADD to the target, then XACK — so two sweepers at
+once cannot route an entry twice, and a failed XADD leaves it pending. Replies go through
+``ReplySender`` (exactly once per submission) and are acked in the same pipelined round trip.
+One ``orphan_stream_swept`` log line per swept stream; ``graft_swept_total{outcome}`` counts entries.
 """
 
 from __future__ import annotations
@@ -56,11 +50,13 @@ from common.contract.errors import (
     InvalidRequest,
     UnknownModel,
 )
-from common.contract.routing import PlanView
+from common.contract.routing import PlanView, Serving, choose, serving_from
 from common.metrics import SWEPT
 from common.settings import Settings
-from common.store.plan_store import load_plan
+from common.store.backlog import id_key, read_backlog
+from common.store.plan_store import find_plan, load_plan, plan_history
 from common.store.reaper import Reaper
+from common.store.registry import Registry
 from common.store.replies import ReplySender
 from common.store.streams import (
     REDIS_DOWN,
@@ -71,13 +67,14 @@ from common.store.streams import (
     dead_letter,
     ensure_group,
 )
-from services.worker.drain import find_plan, read_backlog
 
 log = logs.get_logger("graft.planner.sweeper")
 
-SWEEP_INTERVAL_S = 5.0
-RETIRED_MARGIN_S = 10.0    # retired grace = switch_timeout_s + this
-MIN_IDLE_GRACE_S = 10.0    # idle grace = max(2 × worst batch time, this)
+SWEEP_INTERVAL_S = 0.5
+ORPHAN_GRACE_S = 1.0       # a stream nobody reads for this long is swept
+MIN_IDLE_GRACE_S = 1.0     # idle grace of pending entries = max(2 × worst batch time, this)
+REPLICA_TTL_S = 2.0
+HISTORY_EPOCHS = 50        # retired streams are looked for in this many past plans at start
 PAGE = 100                 # entries per XAUTOCLAIM / XREADGROUP page
 MAX_PAGES = 10_000         # per stream and pass (new entries arriving meanwhile cannot keep a pass going)
 
@@ -116,11 +113,14 @@ class SweepReport:
 
 
 class _StreamSweep:
-    """Handles the entries of one abandoned stream against the current plan."""
+    """Handles the entries of one orphaned stream against the current plan (``current``: the stream is
+    the current plan's own, whose requests wait for their replicas unless they expire)."""
 
-    def __init__(self, sweeper: RetiredStreamSweeper, view: PlanView, report: SweepReport) -> None:
+    def __init__(self, sweeper: OrphanSweeper, view: PlanView, report: SweepReport, *, current: bool = False,
+                 serving: Serving | None = None, until: str | None = None) -> None:
         self.s, self.view, self.report = sweeper, view, report
         self.stream = report.stream
+        self.current, self.serving, self.until = current, serving or Serving(), until
 
     async def handle(self, entries: list[Entry]) -> None:
         """Decode, then answer or re-route every entry, in one pipelined round trip (plus dead letters)."""
@@ -140,6 +140,7 @@ class _StreamSweep:
             if answer is None:
                 reroutes.append((entry.id, target_or_outcome, entry.payload))
             else:
+                answer.source = req.source or entry.id
                 replies.append((entry.id, req.client, answer, target_or_outcome))
                 if req.blob is not None:  # its own blob key only, as the ingress does: never another key
                     blobs.append(keys.blob(req.req_id))
@@ -152,7 +153,7 @@ class _StreamSweep:
                                                 args=[keys.WORKER_GROUP, entry_id, payload,
                                                       self.s.settings.stream_maxlen, keys.FIELD], client=pipe)
                 for _, client, answer, _ in replies:
-                    await self.s.sender.add(pipe, client, answer)
+                    await self.s.sender.add(pipe, client, answer, now)
                 if replies:
                     pipe.xack(self.stream, keys.WORKER_GROUP, *[entry_id for entry_id, *_ in replies])
                 if blobs:
@@ -185,6 +186,12 @@ class _StreamSweep:
                 f"epoch {epoch} was left to serve it", late_ms=late_ms)
             return "expired", wire.Reply.failure(req.req_id, exc, server_ms=server_ms, epoch=epoch, group=group)
         view = self.view
+        if self.current:
+            if req.model in view.models:
+                alive = choose(view, self.serving, req.model, req.cut, budget_ms or 0.0)
+                if alive is not None and view.stream(alive.id) != self.stream:
+                    return view.stream(alive.id), None
+            return self.stream, None  # back at the end of its own stream, for the replicas to come
         if req.model not in view.models:
             exc = UnknownModel(f"model {req.model} is not served by plan epoch {view.epoch}",
                                model=req.model, epoch=view.epoch)
@@ -206,65 +213,80 @@ class _StreamSweep:
         req_id, client = wire.peek_ids(entry.payload) if entry.payload is not None else (None, None)
         if req_id is not None and client is not None:
             exc = error if isinstance(error, GraftError) else InternalError(str(error))
-            await self.s.sender.send(client, wire.Reply.failure(req_id, exc, epoch=self.report.epoch,
-                                                                group=self.report.group))
+            reply = wire.Reply.failure(req_id, exc, epoch=self.report.epoch, group=self.report.group)
+            reply.source = entry.id
+            await self.s.sender.send(client, reply)
 
 
-class RetiredStreamSweeper:
-    """Answers or re-routes the entries of abandoned retired group streams, then deletes the streams.
+class OrphanSweeper:
+    """Answers or re-routes the entries of orphaned group streams (see the module docstring).
 
     ``consumer`` must be unique per planner (two planners may sweep at once: XAUTOCLAIM's idle time,
     XREADGROUP's delivery and the re-route script's pending check keep them from doubling work).
-    ``idle_grace_s`` and ``retired_grace_s`` default as the module docstring says.
     """
 
     def __init__(self, r: Any, settings: Settings, *, consumer: str = "sweeper", interval_s: float = SWEEP_INTERVAL_S,
-                 idle_grace_s: float | None = None, retired_grace_s: float | None = None, page: int = PAGE,
+                 idle_grace_s: float | None = None, orphan_grace_s: float = ORPHAN_GRACE_S, page: int = PAGE,
                  clock: Any = time.monotonic) -> None:
         if page < 1 or interval_s <= 0:
             raise ValueError("page must be >= 1 and interval_s > 0")
         self.r, self.settings, self.consumer = r, settings, consumer
         self.interval_s, self.page, self._clock = interval_s, page, clock
         self.idle_grace_s = idle_grace_s
-        self.retired_grace_s = (settings.switch_timeout_s + RETIRED_MARGIN_S if retired_grace_s is None
-                                else retired_grace_s)
+        self.orphan_grace_s = orphan_grace_s
         self.sender = ReplySender(r)
         self.reroute_script = r.register_script(_REROUTE)
-        self._retired_since: dict[str, float] = {}     # stream → when first seen retired (clock)
+        self.replicas = Registry(r, keys.REPLICA_KIND, REPLICA_TTL_S)
+        self._orphan_since: dict[str, float] = {}      # stream → when first seen without a live reader
+        self._retired: dict[str, tuple[int, str]] = {}  # retired stream → (epoch, group)
+        self._seen_epoch: int | None = None
         self._plans: dict[int, PlanView | None] = {}   # retired epoch → its plan (for the worst batch time)
         self._targets: set[str] = set()                # current streams whose workers' group exists
 
     # ---------------------------------------------------------------------------------- passes
 
+    async def _track(self, view: PlanView) -> None:
+        """Learn the retired streams from the plans: at start from the history, then at every switch."""
+        if self._seen_epoch is None:
+            for raw in await plan_history(self.r, HISTORY_EPOCHS):
+                past = PlanView(raw)
+                if past.epoch < view.epoch:
+                    self._retired.update({past.stream(g): (past.epoch, g) for g in past.groups})
+        elif view.epoch != self._seen_epoch:
+            old = self._plans.get(self._seen_epoch) or await find_plan(self.r, self._seen_epoch)
+            if old is not None:
+                self._retired.update({old.stream(g): (old.epoch, g) for g in old.groups})
+        self._seen_epoch = view.epoch
+        self._plans[view.epoch] = view
+        for stream in view.streams().values():
+            self._retired.pop(stream, None)
+
     async def sweep_once(self) -> list[SweepReport]:
-        """One pass over every retired group stream; reports of the streams swept."""
+        """One pass over the current and retired group streams; reports of the streams swept."""
         view = await load_plan(self.r)
         if view is None:
             return []
+        await self._track(view)
         now = self._clock()
-        retired: list[tuple[str, int, str]] = []
-        async for raw in self.r.scan_iter(match=keys.group_stream_pattern(), count=500, _type="stream"):
-            name = _sid(raw)
-            parsed = keys.parse_group_stream(name)
-            if parsed is not None and parsed[0] < view.epoch:
-                retired.append((name, *parsed))
-        # Forget what is gone: a stream that comes back (a late XADD) waits out the grace again.
-        self._retired_since = {n: self._retired_since.get(n, now) for n, _, _ in retired}
-        epochs = {e for _, e, _ in retired}
-        self._plans = {e: p for e, p in self._plans.items() if e in epochs}
-        self._targets &= set(view.streams().values())
-        due = sorted((e, n, g) for n, e, g in retired if now - self._retired_since[n] >= self.retired_grace_s)
-        if not due:
-            return []
-        live = await self.live_replicas()
+        serving = serving_from((await self.replicas.live()).values())
+        candidates = [(s, e, g, False) for s, (e, g) in self._retired.items()]
+        candidates += [(view.stream(g), view.epoch, g, True) for g in view.groups]
+        self._orphan_since = {s: self._orphan_since.get(s, now) for s, *_ in candidates if not serving.live(s)}
         reports = []
-        for epoch, stream, gid in due:
-            if (epoch, gid) in live:
+        for stream, epoch, gid, current in sorted(candidates, key=lambda c: (c[1], c[0])):
+            if stream not in self._orphan_since or now - self._orphan_since[stream] < self.orphan_grace_s:
                 continue
             grace_ms = await self.idle_grace_ms(epoch, gid, view)
-            if not await self.consumers_idle(stream, grace_ms):
+            if current:
+                reports.append(await self.sweep_current(stream, epoch, gid, view, serving, grace_ms))
                 continue
-            reports.append(await self.sweep_stream(stream, epoch, gid, view, grace_ms))
+            report = await self.sweep_stream(stream, epoch, gid, view, grace_ms)
+            reports.append(report)
+            if report.deleted:
+                self._retired.pop(stream, None)
+                self._orphan_since.pop(stream, None)
+        self._plans = {e: p for e, p in self._plans.items() if e == view.epoch or any(
+            e == ep for ep, _ in self._retired.values())}
         return reports
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -285,22 +307,6 @@ class RetiredStreamSweeper:
 
     # ------------------------------------------------------------------------------ abandonment
 
-    async def live_replicas(self) -> set[tuple[int, str]]:
-        """``(epoch, group)`` of every replica with a live heartbeat."""
-        names = [k async for k in self.r.scan_iter(match=keys.health_pattern("replica"), count=500)]
-        live: set[tuple[int, str]] = set()
-        if not names:
-            return live
-        for raw in await self.r.mget(names):
-            if raw is None:  # expired between SCAN and MGET
-                continue
-            try:
-                status = wire.decode_message(raw, "health")
-                live.add((int(status["epoch"]), str(status["group"])))
-            except (GraftError, KeyError, TypeError, ValueError):
-                continue
-        return live
-
     async def idle_grace_ms(self, epoch: int, gid: str, view: PlanView) -> int:
         if self.idle_grace_s is not None:
             return int(self.idle_grace_s * 1000.0)
@@ -310,21 +316,6 @@ class RetiredStreamSweeper:
         specs = [*view.groups.values(), *([old.groups[gid]] if old is not None and gid in old.groups else [])]
         worst_ms = max((s.latency_ms for s in specs), default=0.0)
         return int(max(2.0 * worst_ms, MIN_IDLE_GRACE_S * 1000.0))
-
-    async def consumers_idle(self, stream: str, grace_ms: int) -> bool:
-        """True when no consumer of the workers' group but this sweeper was active within ``grace_ms``."""
-        try:
-            consumers = await self.r.xinfo_consumers(stream, keys.WORKER_GROUP)
-        except ResponseError as exc:
-            if str(exc).startswith("NOGROUP"):
-                return True  # a stream no worker group was ever made for: nobody serves it
-            if "no such key" in str(exc).lower():
-                return False  # gone meanwhile: nothing to sweep
-            raise
-        for c in consumers:
-            if _sid(c.get("name", b"")) != self.consumer and int(c.get("idle", 0)) < grace_ms:
-                return False
-        return True
 
     # ---------------------------------------------------------------------------------- sweeping
 
@@ -356,6 +347,41 @@ class RetiredStreamSweeper:
                  deleted=report.deleted, **dict(sorted(report.counts.items())))
         return report
 
+    async def sweep_current(self, stream: str, epoch: int, gid: str, view: PlanView, serving: Serving,
+                            grace_ms: int) -> SweepReport:
+        """Answer what expired in a current stream nobody reads; move the rest to a live group or to the
+        end of the same stream — each entry at most once per pass (only ids older than the pass)."""
+        report = SweepReport(stream, epoch, gid)
+        until = await self._last_id(stream)
+        if until is None:
+            return report
+        job = _StreamSweep(self, view, report, current=True, serving=serving, until=until)
+        await ensure_group(self.r, stream, keys.WORKER_GROUP, "0")
+        reaper = Reaper(self.r, stream, keys.WORKER_GROUP, self.consumer, min_idle_ms=grace_ms,
+                        max_deliveries=self.settings.max_deliveries, on_claimed=job.handle,
+                        on_dead_lettered=job.on_dead_lettered, count=self.page)
+        await reaper.reap_once()
+        reader = StreamConsumer(self.r, stream, keys.WORKER_GROUP, self.consumer, count=self.page, block_ms=1,
+                                max_deliveries=self.settings.max_deliveries, on_dead_lettered=job.on_dead_lettered)
+        for _ in range(MAX_PAGES):
+            entries = await reader.read()
+            if not entries:
+                break
+            await job.handle(entries)
+            if any(id_key(e.id) > id_key(until) for e in entries):
+                break  # past what the pass started with: what it put back waits for the next pass
+        if report.counts:
+            log.info(logs.Event.STREAM_SWEPT, stream=stream, epoch=epoch, group=gid, current_epoch=view.epoch,
+                     current=True, **dict(sorted(report.counts.items())))
+        return report
+
+    async def _last_id(self, stream: str) -> str | None:
+        try:
+            info = await self.r.xinfo_stream(stream)
+        except ResponseError:
+            return None
+        return _sid(info.get("last-generated-id", "0-0"))
+
     async def prepare_target(self, stream: str) -> None:
         """The workers' group on a current stream before entries are re-routed to it (from id 0, as the
         ingress makes it, so a replica that starts later still sees them)."""
@@ -384,9 +410,9 @@ class RetiredStreamSweeper:
 
 
 @contextlib.asynccontextmanager
-async def sweeping(r: Any, settings: Settings, consumer: str, stop: asyncio.Event) -> AsyncIterator[RetiredStreamSweeper]:
-    """Run a ``RetiredStreamSweeper`` as a task for the duration of the block (cancelled at its end)."""
-    sweeper = RetiredStreamSweeper(r, settings, consumer=consumer)
+async def sweeping(r: Any, settings: Settings, consumer: str, stop: asyncio.Event) -> AsyncIterator[OrphanSweeper]:
+    """Run an ``OrphanSweeper`` as a task for the duration of the block (cancelled at its end)."""
+    sweeper = OrphanSweeper(r, settings, consumer=consumer)
     task = asyncio.create_task(sweeper.run(stop), name=f"{consumer}-sweeper")
     try:
         yield sweeper

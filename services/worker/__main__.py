@@ -1,6 +1,6 @@
 """``python -m services.worker [--devices auto|cpu0|gpu0,gpu1] [--name N] [--check]``: the worker agent.
 
-``--check`` exits 0 iff this agent's heartbeat key is fresh (for container health checks), else 1.
+``--check`` exits 0 iff this agent (``--name``, else one on this host) is alive in the registry.
 With ``GRAFT_NODE`` set, the devices are named on that node (``node/gpu0``, …) wherever they appear.
 """
 
@@ -8,71 +8,35 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
+from typing import Any
 
 import structlog
 
 from common.contract import keys
-from common.logs import configure
-from common.settings import Settings, SettingsError
-from common.store.streams import TRANSIENT, connect
-from services.worker.agent import Agent, default_name
+from common.settings import Settings
+from services.lifecycle import Heartbeat, run_service
+from services.worker.agent import WORKER_PORT_OFFSET, Agent
 from services.worker.device import DeviceError, discover
 
 log = structlog.get_logger("worker")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m services.worker", description="Graft worker agent")
+def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", default=None,
                    help="auto (NVML, else cpu0), cpu, cuda, or a list like gpu0,gpu1 / cpu0 (default: GRAFT_DEVICE); "
                         "with GRAFT_NODE=a they are named a/gpu0, …")
-    p.add_argument("--name", default=None, help="agent name in heartbeats (default: host-devices)")
-    p.add_argument("--check", action="store_true", help="exit 0 iff a fresh heartbeat of this agent exists")
-    return p.parse_args(argv)
 
 
-async def check(settings: Settings, name: str) -> int:
-    if not settings.redis_url:
-        print("REDIS_URL is not set", file=sys.stderr)
-        return 1
-    r = connect(settings.redis_url, settings=settings)
-    try:
-        alive = bool(await r.exists(keys.health("worker", name)))
-    except TRANSIENT as exc:
-        print(f"cannot reach Redis: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        await r.aclose()
-    print(f"worker {name}: {'alive' if alive else 'no fresh heartbeat'}")
-    return 0 if alive else 1
-
-
-async def serve(agent: Agent) -> int:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, agent.stop)
-    return await agent.run()
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        print(f"bad settings: {exc}", file=sys.stderr)
-        return 2
-    configure(settings.log_format, settings.log_level)
-    spec = args.devices or settings.device
+async def serve(settings: Settings, r: Any, stop: asyncio.Event, hb: Heartbeat) -> None:
+    spec = settings.extra.get("devices") or settings.device
+    if spec in ("None", ""):
+        spec = settings.device
     try:
         found = discover(spec, node=settings.node)
     except DeviceError as exc:
         log.error("bad_devices", devices=spec, error=str(exc))
-        return 2
-    name = args.name or default_name(found.devices)
-    if args.check:
-        return asyncio.run(check(settings, name))
+        raise SystemExit(2) from None
     log.info("devices", devices=[d.name for d in found.devices], node=settings.node, gpus=found.gpu_count,
              mps=found.mps, note=found.note)
     if any(d.is_gpu for d in found.devices) and not found.mps:
@@ -83,8 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     # the thread budget the profile was measured with, and this host runs them all. Hosts that share
     # the CPU work name their devices explicitly (--devices cpu0,cpu1).
     whole_cpu = spec.strip() in ("auto", "cpu", "") and not any(d.is_gpu for d in found.devices)
-    agent = Agent(settings, found.devices, name=name, mps=found.mps, all_cpu_devices=whole_cpu)
-    return asyncio.run(serve(agent))
+    agent = Agent(settings, found.devices, name=hb.name, redis=r, mps=found.mps, all_cpu_devices=whole_cpu,
+                  heartbeat=hb)
+    await agent.run(stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_service(keys.WORKER_KIND, serve, argv, extra_args=_args, port_offset=WORKER_PORT_OFFSET)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,31 @@
 """The worker agent: runs, on its devices, the replicas the current plan places there.
 
-It follows the plan (``PlanWatcher``) and keeps one child process per placement of the current epoch
-on its devices. On a new epoch it starts the new epoch's replicas first, then marks the old ones
-*draining*: they keep serving their group stream until the ingress has switched and the stream is
-empty, and exit 0 by themselves (the replica watches the plan too, so there is nothing to send them).
-A replica that crashes is restarted with backoff while its group is in the plan — and also while it
-drains, because its pending entries would otherwise wait for a reaper that may never come. SIGTERM
-stops every child gracefully (SIGTERM, wait, SIGKILL) and the agent exits 0.
+It follows the plan and keeps, per device, *slots* (logical replicas with stable consumer names, see
+``assignment.py``) served by *replica processes* (``process.py``): long-lived children, each holding
+one model at one share, that do what their assignment says.
 
-Its devices live on the node ``GRAFT_NODE`` names: with a node ``a`` it serves the placements on
-``a/gpu0``, … (and in "all CPU devices" mode every ``a/cpuN`` of the plan), never another node's nor a
-plain ``gpu0``; without one it serves the plain names, as on a one-host deployment.
+* **Plan switch (make-before-break, no cold start).** On epoch ``e`` every slot's older group is
+  retired (its stream joins the slot's drains) and the new placements are matched onto slots of the
+  same device and model: a matched slot's process is re-targeted at once — the new group's stream
+  has a consumer within milliseconds, the process keeps its loaded model and its measured speed.
+  Placements left over take a warm standby process, else a new one is started. A retired stream is
+  drained when every live ingress routes by a newer epoch and nothing is left in it
+  (``common.store.backlog``); then the slot drops it, and a slot with nothing left is released.
+* **Crashes.** A process that dies is noticed at once (a waiter per child). Its slot — consumer name,
+  streams, pending entries — is handed to a warm standby of the same device, model and share, which
+  re-reads the slot's pending entries and serves on; a new standby is started behind it. Without a
+  standby the slot gets a new process after a short backoff.
+* **Standbys.** ``GRAFT_STANDBY_REPLICAS`` (default 1) loaded, idle processes per (device, model,
+  share) in use. They cost memory, and on a GPU an MPS client slot, but no share: a standby computes
+  nothing until it takes over.
+* **Lifeline.** Children read their assignments from a pipe and stop when it closes, and ask the
+  kernel for SIGTERM when the agent dies: replicas never outlive their agent. SIGTERM to the agent
+  stops every child gracefully (stop, wait, SIGKILL) and the agent exits 0.
+
+Its devices live on the node ``GRAFT_NODE`` names (see ``device.py``); in "all CPU devices" mode it
+serves every ``cpuN`` placement of the plan on this host, at most ``GRAFT_MAX_CPU_PROCESSES``
+processes (placements beyond are left unserved, reported in the status, and their traffic follows
+the ingress's fallback to another group of the model).
 """
 
 from __future__ import annotations
@@ -18,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import sys
 import time
@@ -28,25 +42,31 @@ from typing import Any
 import structlog
 from redis.exceptions import RedisError
 
-from common.contract import keys, wire
+from common.contract import keys
 from common.contract.routing import PlanView
 from common.logs import Event
 from common.metrics import PLAN_EPOCH, REPLICAS, HealthServer
 from common.settings import Settings
+from common.store.backlog import ingresses_past, is_drained, read_backlog, redis_now_ms
 from common.store.plan_store import PlanWatcher
+from common.store.registry import Registry
 from common.store.streams import connect
+from services.lifecycle import Heartbeat
+from services.worker.assignment import Slot, Wanted, retarget
+from services.worker.control import Assignment, Task
 from services.worker.device import Device, DeviceError
-from services.worker.supervisor import ReplicaProcess, ReplicaSlot, State, cancel_tasks, terminate_all
+from services.worker.process import Backoff, ReplicaProcess, cancel_tasks, terminate_all
+from services.worker.replica import REPLICA_TTL_S
 
-HEARTBEAT_S = 1.0
-HEARTBEAT_TTL_S = 5
+WORKER_TTL_S = 5.0
+INGRESS_TTL_S = 5.0
 WORKER_PORT_OFFSET = 2  # the agent's HealthServer: metrics_port + 2 (ingress +0, planner +1)
 REPLICA_PORT_OFFSET = 10  # replica k of this agent: metrics_port + 10 + k
+DRAIN_QUIET_S = 1.0
 
-# A lazy proxy (no .bind at import): it must pick up the configuration main() sets later.
 log = structlog.get_logger("worker.agent")
 
-SlotKey = tuple[int, str, str, int]  # epoch, group, device, index
+ProcKey = tuple[str, str, int]  # device, model, share
 
 
 def default_name(devices: Sequence[Device]) -> str:
@@ -64,14 +84,14 @@ def _cpu_device_of(name: str, node: str) -> Device | None:
 
 class Agent:
     def __init__(self, settings: Settings, devices: Sequence[Device], *, name: str | None = None,
-                 redis: Any | None = None, python: str = sys.executable, poll_s: float = 0.2,
-                 stop_grace_s: float = 10.0, drain_timeout_s: float | None = None, mps: bool = True,
-                 all_cpu_devices: bool = False) -> None:
+                 redis: Any | None = None, python: str = sys.executable, poll_s: float = 0.1,
+                 stop_grace_s: float = 10.0, mps: bool = True, all_cpu_devices: bool = False,
+                 standby: int | None = None, max_cpu_processes: int | None = None,
+                 heartbeat: Heartbeat | None = None) -> None:
         if not devices:
             raise ValueError("an agent needs at least one device")
         self.settings = settings
         self.node = settings.node
-        # Every device is named on this agent's node (a DeviceError, a ValueError, for another node's).
         self.devices = {d.name: d for d in (dev.on(self.node) for dev in devices)}
         self._all_cpu = all_cpu_devices
         self.name = name or default_name(list(self.devices.values()))
@@ -80,16 +100,29 @@ class Agent:
         self._python = python
         self._poll_s = poll_s
         self._stop_grace_s = stop_grace_s
-        self._drain_timeout_s = drain_timeout_s or max(60.0, 2 * settings.max_slo_ms / 1000.0,
-                                                       2 * settings.switch_timeout_s)
         self._mps = mps
+        self.standby = settings.standby_replicas if standby is None else standby
+        self.max_cpu_processes = max_cpu_processes or settings.max_cpu_processes or max(4, 2 * (os.cpu_count() or 1))
         self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
         self._stopping = False
-        self._procs: dict[SlotKey, ReplicaProcess] = {}
-        self._drain_deadline: dict[SlotKey, float] = {}
-        self._ports: dict[SlotKey, int] = {}
+        self.slots: list[Slot] = []
+        self.procs: dict[str, ReplicaProcess] = {}  # by process name
+        self._bound: dict[str, str] = {}  # slot consumer -> process name
+        self._restart_at: dict[str, float] = {}  # slot consumer -> when to give it a new process
+        self._backoff: dict[str, Backoff] = {}
+        self._next_proc = 0
+        self._ports: dict[str, int] = {}
         self._view: PlanView | None = None
+        self._ready_procs: set[str] = set()
+        self._leaving: set[str] = set()  # processes asked to stop
+        self._watch: dict[str, asyncio.Task[None]] = {}
+        self._scale: dict[str, float] = {}
+        self.unserved: list[str] = []  # placements beyond the CPU process cap
+        self.takeovers = 0
+        self.restarts = 0
         self.health_port: int | None = None
+        self._hb = heartbeat
 
     # ------------------------------------------------------------------------------------------ API
 
@@ -97,58 +130,76 @@ class Agent:
     def epoch(self) -> int | None:
         return None if self._view is None else self._view.epoch
 
-    @property
-    def replicas(self) -> list[ReplicaProcess]:
-        return list(self._procs.values())
-
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     def status(self) -> dict[str, Any]:
-        return {"service": "worker", "name": self.name, "host": socket.gethostname(), "node": self.node,
-                "pid": os.getpid(), "ts": time.time(), "devices": sorted(self.devices), "all_cpu_devices": self._all_cpu,
-                "epoch": self.epoch, "mps": self._mps,
-                "metrics_port": self.health_port, "replicas": [p.describe() for p in self._procs.values()]}
+        return {"host": socket.gethostname(), "node": self.node, "pid": os.getpid(), "devices": sorted(self.devices),
+                "all_cpu_devices": self._all_cpu, "epoch": self.epoch, "mps": self._mps,
+                "metrics_port": self.health_port, "standby_target": self.standby, "takeovers": self.takeovers,
+                "restarts": self.restarts, "unserved": self.unserved,
+                "slots": [{"consumer": s.consumer, "device": s.device, "model": s.model, "share": s.share,
+                           "group": None if s.active is None else s.active.group,
+                           "epoch": None if s.active is None else s.active.epoch, "draining": list(s.draining),
+                           "process": self._bound.get(s.consumer)} for s in self.slots],
+                "replicas": [p.describe() for p in self.procs.values()]}
 
-    async def run(self) -> int:
+    async def run(self, stop: asyncio.Event | None = None) -> int:
+        """Serve until ``stop()`` (or ``stop`` is set); every child is stopped before returning."""
         r = self._redis if self._redis is not None else self._connect()
         self._redis = r
-        base = self.settings.metrics_port
-        health = await HealthServer(self._ready, host=self.settings.metrics_host,
-                                    port=base + WORKER_PORT_OFFSET if base else 0).start()
-        self.health_port = health.port
-        log.info(Event.SERVICE_STARTED, agent=self.name, devices=sorted(self.devices), metrics_port=health.port)
-        beat = asyncio.create_task(self._heartbeat(r), name="worker-heartbeat")
+        own = self._hb is None
+        hb = self._hb or Heartbeat(r, keys.WORKER_KIND, self.name, ttl_s=WORKER_TTL_S)
+        health = None
+        if own:
+            base = self.settings.metrics_port
+            health = await HealthServer(self._ready, host=self.settings.metrics_host,
+                                        port=base + WORKER_PORT_OFFSET if base else 0).start()
+            self.health_port = health.port
+        self._replicas = Registry(r, keys.REPLICA_KIND, REPLICA_TTL_S)
+        self._ingresses = Registry(r, keys.INGRESS_KIND, INGRESS_TTL_S)
+        log.info(Event.SERVICE_STARTED, agent=self.name, devices=sorted(self.devices), metrics_port=self.health_port)
+        hb.status.update(self.status())
+        beat = asyncio.create_task(hb.run(self._stop), name="worker-heartbeat") if own else None
+        outer = asyncio.create_task(self._follow_stop(stop)) if stop is not None else None
         watcher = PlanWatcher(r, interval=self._poll_s)
         failures = 0
         try:
             while not self._stop.is_set():
                 try:
                     view = await watcher.poll()
-                    failures = 0
                     if view is not None:
                         await self._apply(view)
+                    await self._observe()
+                    await self._drain()
+                    failures = 0
                 except RedisError as exc:
                     failures += 1
                     log.warning(Event.REDIS_RECONNECT, error=str(exc), attempt=failures)
                 await self._supervise()
+                hb.status.update(self.status())
+                hb.ready = self._view is not None
+                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), self._poll_s * min(failures + 1, 25))
+                    await asyncio.wait_for(self._wake.wait(), self._poll_s * min(failures + 1, 25))
         finally:
             self._stopping = True
-            await terminate_all(list(self._procs.values()), self._stop_grace_s)
-            await self._supervise()
-            await cancel_tasks([beat])
-            with contextlib.suppress(RedisError, OSError):
-                await r.delete(keys.health("worker", self.name))
-            await health.stop()
+            await terminate_all(list(self.procs.values()), self._stop_grace_s)
+            await cancel_tasks([t for t in (beat, outer, *self._watch.values()) if t is not None])
+            if health is not None:
+                await health.stop()
             if self._own_redis:
                 await r.aclose()
             self._update_metrics()
             log.info(Event.SERVICE_STOPPED, agent=self.name)
         return 0
 
-    # ------------------------------------------------------------------------------------ internals
+    async def _follow_stop(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self.stop()
+
+    # ------------------------------------------------------------------------------------- plans
 
     def _connect(self) -> Any:
         if not self.settings.redis_url:
@@ -160,54 +211,73 @@ class Agent:
             return False
         return bool(await self._redis.ping())
 
-    async def _heartbeat(self, r: Any) -> None:
-        key = keys.health("worker", self.name)
-        while not self._stopping:
-            try:
-                await r.set(key, wire.encode_message("health", self.status()), ex=HEARTBEAT_TTL_S)
-            except RedisError as exc:
-                log.warning(Event.REDIS_RECONNECT, error=str(exc), during="heartbeat")
-            await asyncio.sleep(HEARTBEAT_S)
-
-    async def _apply(self, view: PlanView) -> None:
-        """Retire every older replica (they drain on their own) and start the new epoch's replicas."""
-        previous = self._view
-        self._view = view
-        PLAN_EPOCH.labels(service="worker").set(view.epoch)
+    def _wanted(self, view: PlanView) -> list[Wanted]:
         if self._all_cpu:
             for name in view.devices():
                 if name not in self.devices and (d := _cpu_device_of(name, self.node)) is not None:
                     self.devices[name] = d
-        # Older replicas are marked draining first: starting the new ones awaits process spawns, and an
-        # old replica that drains meanwhile must be recognised as drained, not as an unplanned exit.
-        now = time.monotonic()
-        for key, proc in self._procs.items():
-            if key[0] < view.epoch and key not in self._drain_deadline:
-                proc.state = State.DRAINING
-                self._drain_deadline[key] = now + self._drain_timeout_s
-        mine = [p for dev in self.devices for p in view.placements(dev)]
-        log.info(Event.PLAN_SWITCHED, epoch=view.epoch, previous=None if previous is None else previous.epoch,
-                 replicas=len(mine))
-        if not mine:
-            log.warning("no_placements", epoch=view.epoch, devices=sorted(self.devices),
-                        plan_devices=view.devices())
-        for p in mine:
-            if p.group not in view.groups:
-                log.error("placement_without_group", epoch=view.epoch, group=p.group)
-                continue
-            slot = ReplicaSlot(view.epoch, p.group, self.devices[p.device], p.index, p.share)
-            key = (slot.epoch, slot.group, slot.device.name, slot.index)
-            if key not in self._procs:
-                proc = ReplicaProcess(slot, self._child_env(), python=self._python, metrics_port=self._port_for(key))
-                self._procs[key] = proc
-                await self._start(proc, restart=False)
+        scale = view.raw.get("latency_scale") or {}
+        out: list[Wanted] = []
+        for dev in self.devices:
+            for p in view.placements(dev):
+                spec = view.groups.get(p.group)
+                if spec is None:
+                    log.error("placement_without_group", epoch=view.epoch, group=p.group)
+                    continue
+                task = Task(view.epoch, spec.id, view.stream(spec.id), spec.batch, spec.latency_ms, spec.cuts)
+                out.append(Wanted(dev, spec.model, p.share, task))
+        self._scale = {str(m): float(f) for m, f in scale.items()} if isinstance(scale, dict) else {}
+        gpu = [w for w in out if self.devices[w.device].is_gpu]
+        cpu = [w for w in out if not self.devices[w.device].is_gpu]
+        self.unserved = [f"{w.device}:{w.task.group}" for w in cpu[self.max_cpu_processes:]]
+        if self.unserved:
+            log.warning("cpu_process_cap", cap=self.max_cpu_processes, unserved=self.unserved)
+        return gpu + cpu[: self.max_cpu_processes]
 
-    def _child_env(self) -> dict[str, str]:
+    async def _apply(self, view: PlanView) -> None:
+        previous = self._view
+        self._view = view
+        PLAN_EPOCH.labels(service="worker").set(view.epoch)
+        wanted = self._wanted(view)
+        gpus = frozenset(n for n, d in self.devices.items() if d.is_gpu)
+        created = retarget(self.slots, wanted, view.epoch, gpu_devices=gpus)
+        self.slots.extend(created)
+        log.info(Event.PLAN_SWITCHED, epoch=view.epoch, previous=None if previous is None else previous.epoch,
+                 replicas=len(wanted), new_slots=len(created))
+        if not wanted:
+            log.warning("no_placements", epoch=view.epoch, devices=sorted(self.devices), plan_devices=view.devices())
+        for slot in self.slots:
+            await self._bind(slot)
+
+    # ------------------------------------------------------------------------------- processes
+
+    def _key(self, device: str, model: str, share: int) -> ProcKey:
+        # On a CPU a process can change its thread count, so any share of a model fits any process.
+        return (device, model, share if self.devices[device].is_gpu else 0)
+
+    def _free_standbys(self, key: ProcKey) -> list[ReplicaProcess]:
+        bound = set(self._bound.values())
+        return [p for n, p in self.procs.items() if n not in bound and n not in self._leaving and p.alive
+                and self._key(p.device.name, p.model, p.share) == key]
+
+    async def _spawn(self, device: str, model: str, share: int) -> ReplicaProcess:
+        name = f"{self.name}/{self._next_proc}"
+        self._next_proc += 1
         env = dict(os.environ)
         env.update(self.settings.to_env())
-        return env
+        proc = ReplicaProcess(name, self.devices[device], model, share, env, python=self._python,
+                              metrics_port=self._port_for(name))
+        self.procs[name] = proc
+        await proc.start()
+        self._watch[name] = asyncio.create_task(self._on_exit_soon(proc), name=f"watch-{name}")
+        log.info(Event.REPLICA_STARTED, process=name, device=device, model=model, share=share, pid=proc.pid)
+        return proc
 
-    def _port_for(self, key: SlotKey) -> int:
+    async def _on_exit_soon(self, proc: ReplicaProcess) -> None:
+        await proc.exited.wait()
+        self._wake.set()
+
+    def _port_for(self, name: str) -> int:
         base = self.settings.metrics_port
         if not base:
             return 0
@@ -215,66 +285,135 @@ class Agent:
         k = 0
         while base + REPLICA_PORT_OFFSET + k in used:
             k += 1
-        self._ports[key] = base + REPLICA_PORT_OFFSET + k
-        return self._ports[key]
+        self._ports[name] = base + REPLICA_PORT_OFFSET + k
+        return self._ports[name]
 
-    async def _start(self, proc: ReplicaProcess, *, restart: bool) -> None:
-        try:
-            await proc.start()
-        except OSError as exc:
-            log.error(Event.REPLICA_EXITED, consumer=proc.slot.consumer, error=str(exc), exit_code=None)
-            proc.schedule_restart(time.monotonic())
+    def _assignment(self, slot: Slot) -> Assignment:
+        return Assignment(0, slot.consumer, slot.share, slot.active, slot.streams, self._scale.get(slot.model, 1.0))
+
+    async def _bind(self, slot: Slot) -> None:
+        """Give ``slot`` a process (its own, a ready standby, a new one) and send it its assignment."""
+        if slot.idle:
             return
-        if restart:
-            proc.restarts += 1
-        log.info(Event.REPLICA_STARTED, consumer=proc.slot.consumer, epoch=proc.slot.epoch, group=proc.slot.group,
-                 device=proc.slot.device.name, share=proc.slot.share, pid=proc.pid, restarts=proc.restarts)
+        name = self._bound.get(slot.consumer)
+        proc = self.procs.get(name) if name is not None else None
+        if proc is not None and not proc.alive:
+            proc = None
+        if proc is None:
+            key = self._key(slot.device, slot.model, slot.share)
+            ready = [p for p in self._free_standbys(key) if p.name in self._ready_procs]
+            loading = [p for p in self._free_standbys(key) if p.name not in self._ready_procs]
+            if ready or loading:
+                proc = (ready or loading)[0]
+                if name is not None:
+                    self.takeovers += 1
+                    log.info("slot_takeover", slot=slot.consumer, process=proc.name, ready=bool(ready))
+            elif time.monotonic() < self._restart_at.get(slot.consumer, 0.0):
+                return  # backing off: this slot's processes keep dying
+            else:
+                proc = await self._spawn(slot.device, slot.model, slot.share)
+                if name is not None:
+                    self.restarts += 1
+            self._bound[slot.consumer] = proc.name
+        want = self._assignment(slot)
+        have = proc.assignment
+        if have is None or (have.consumer, have.share, have.active, have.streams, have.latency_scale) != (
+                want.consumer, want.share, want.active, want.streams, want.latency_scale):
+            await proc.assign(want)
 
-    def _in_plan(self, key: SlotKey) -> bool:
-        return self._view is not None and key[0] == self._view.epoch
+    async def _release(self, slot: Slot) -> None:
+        """A slot with nothing left: its process becomes a standby or stops."""
+        name = self._bound.pop(slot.consumer, None)
+        self.slots.remove(slot)
+        proc = self.procs.get(name) if name is not None else None
+        if proc is None or not proc.alive:
+            return
+        if len(self._free_standbys(self._key(proc.device.name, proc.model, proc.share))) < self._standby_target(proc):
+            await proc.assign(Assignment(0, None, proc.share))
+            log.info("slot_released", slot=slot.consumer, process=proc.name, now="standby")
+        else:
+            await self._retire(proc)
+            log.info("slot_released", slot=slot.consumer, process=proc.name, now="stopping")
+
+    async def _retire(self, proc: ReplicaProcess) -> None:
+        self._leaving.add(proc.name)
+        await proc.stop()
+
+    def _standby_target(self, proc: ReplicaProcess) -> int:
+        key = self._key(proc.device.name, proc.model, proc.share)
+        in_use = any(self._key(s.device, s.model, s.share) == key and s.active is not None for s in self.slots)
+        return self.standby if in_use else 0
 
     async def _supervise(self) -> None:
         now = time.monotonic()
-        for key, proc in list(self._procs.items()):
-            code = proc.poll_exit()
-            if code is not None:
-                self._on_exit(key, proc, code, now)
-            elif proc.state == State.DRAINING and proc.alive and now > self._drain_deadline.get(key, now + 1):
-                log.warning("drain_timeout", consumer=proc.slot.consumer, epoch=key[0])
-                proc.signal(signal.SIGTERM)
-                self._drain_deadline[key] = now + self._stop_grace_s * 10
-            if proc.state == State.EXITED:
-                self._forget(key)
-            elif not self._stopping and proc.due(now):
-                await self._start(proc, restart=True)
+        bound = {n: c for c, n in self._bound.items()}
+        for name, proc in list(self.procs.items()):
+            if proc.alive:
+                continue
+            slot = bound.get(name)
+            log_fn = log.info if proc.exit_code == 0 or self._stopping else log.warning
+            log_fn(Event.REPLICA_EXITED, process=name, slot=slot, exit_code=proc.exit_code)
+            del self.procs[name]
+            self._ports.pop(name, None)
+            self._ready_procs.discard(name)
+            self._leaving.discard(name)
+            self._watch.pop(name, None)
+            if slot is not None and not self._stopping:
+                ran = now - proc.started_at
+                delay = self._backoff.setdefault(slot, Backoff()).next(ran)
+                self._restart_at[slot] = now + delay if proc.exit_code != 0 and ran < 2.0 else now
+        if self._stopping:
+            return
+        for each in list(self.slots):
+            await self._bind(each)
+        await self._keep_standbys()
         self._update_metrics()
 
-    def _on_exit(self, key: SlotKey, proc: ReplicaProcess, code: int, now: float) -> None:
-        draining = proc.state == State.DRAINING
-        log_fn = log.info if code == 0 or self._stopping else log.warning
-        log_fn(Event.REPLICA_EXITED, consumer=proc.slot.consumer, epoch=key[0], group=key[1], exit_code=code,
-               draining=draining)
-        if self._stopping:
-            proc.state = State.EXITED
-        elif draining:
-            # Exit 0 is the replica saying "drained"; a crash restarts it to finish its pending entries.
-            if code == 0 or now > self._drain_deadline.get(key, now):
-                proc.state = State.EXITED
-                if code == 0:
-                    log.info(Event.GROUP_DRAINED, consumer=proc.slot.consumer, epoch=key[0], group=key[1])
-            else:
-                proc.schedule_restart(now)
-        elif self._in_plan(key):
-            delay = proc.schedule_restart(now)
-            log.info("replica_restart_scheduled", consumer=proc.slot.consumer, delay_s=delay, exit_code=code)
-        else:
-            proc.state = State.EXITED
+    async def _keep_standbys(self) -> None:
+        keys_in_use = {self._key(s.device, s.model, s.share): s for s in self.slots if s.active is not None}
+        for key, slot in keys_in_use.items():
+            free = self._free_standbys(key)
+            for _ in range(self.standby - len(free)):
+                await self._spawn(slot.device, slot.model, slot.share)
+        # standbys of (device, model, share) no slot uses any more
+        bound = set(self._bound.values())
+        for name, proc in list(self.procs.items()):
+            if (name not in bound and name not in self._leaving and proc.alive
+                    and self._key(proc.device.name, proc.model, proc.share) not in keys_in_use):
+                await self._retire(proc)
 
-    def _forget(self, key: SlotKey) -> None:
-        self._procs.pop(key, None)
-        self._drain_deadline.pop(key, None)
-        self._ports.pop(key, None)
+    # ------------------------------------------------------------------------- observing, draining
+
+    async def _observe(self) -> None:
+        """Which processes have loaded (they register as standby or serving)."""
+        live = await self._replicas.live()
+        self._ready_procs = {n for n, s in live.items() if n in self.procs and s.get("state") in ("standby", "serving")}
+
+    async def _drain(self) -> None:
+        draining = {s for slot in self.slots for s in slot.draining}
+        if not draining and not any(s.idle for s in self.slots):
+            return
+        done: set[str] = set()
+        if draining:
+            ingresses = list((await self._ingresses.live()).values())
+            now_ms = await redis_now_ms(self._redis)
+            for stream in draining:
+                where = keys.parse_group_stream(stream)
+                if where is None or not ingresses_past(ingresses, where[0]):
+                    continue
+                if is_drained(await read_backlog(self._redis, stream), now_ms=now_ms, quiet_s=DRAIN_QUIET_S):
+                    done.add(stream)
+        for slot in list(self.slots):
+            for stream in done & set(slot.draining):
+                slot.drained(stream)
+                log.info(Event.GROUP_DRAINED, slot=slot.consumer, stream=stream)
+                with contextlib.suppress(RedisError):
+                    await self._redis.expire(stream, int(self.settings.max_slo_ms / 1000.0) + 60)
+            if slot.idle:
+                await self._release(slot)
+            elif done & set(slot.streams) or slot.active is None:
+                await self._bind(slot)
 
     def _update_metrics(self) -> None:
         for dev in self.devices:
-            REPLICAS.labels(device=dev).set(sum(1 for k, p in self._procs.items() if k[2] == dev and p.alive))
+            REPLICAS.labels(device=dev).set(sum(1 for p in self.procs.values() if p.device.name == dev and p.alive))

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common import admission
 from common.batching import Pending
-from common.contract import wire
-from common.contract.errors import BadCut, BadTensor, GraftError, InvalidRequest
-from common.contract.routing import GroupSpec
+from common.contract import keys, wire
+from common.contract.errors import BadCut, GraftError, InvalidRequest
 from common.model.zoo import ModelInfo
 
 
@@ -43,6 +43,9 @@ class Job:
     received: float
     deliveries: int = 1
     admitted: float = 0.0  # when this replica read it (time.time()); splits queueing from batching hold
+    stream: str = ""  # the group stream it came from (acked there; its epoch and group label the reply)
+    epoch: int | None = None
+    group: str | None = None
 
     @property
     def client(self) -> str:
@@ -76,34 +79,41 @@ class Rejection:
     received: float
     payload: bytes | None = None
     blob: str | None = None  # the request's blob key, to delete with the reply
+    source: str | None = None  # the submission (graft:ingress entry id) it answers
+    stream: str = ""
 
 
 class Intake:
-    """Admission rules of one group: its model, the cuts its runner holds, the tensor each cut takes."""
+    """Admission rules of one model: every cut of it runs (a replica holds the whole model), each cut
+    takes the tensor shape the model produces before it."""
 
-    def __init__(self, info: ModelInfo, spec: GroupSpec, *, max_tensor_bytes: int = wire.MAX_TENSOR_BYTES,
+    def __init__(self, info: ModelInfo, *, max_tensor_bytes: int = wire.MAX_TENSOR_BYTES,
                  max_budget_s: float = 60.0) -> None:
         self.info = info
-        self.spec = spec
         self.max_tensor_bytes = max_tensor_bytes
         self.max_budget_s = max_budget_s
 
     def admit(self, entry_id: str, payload: bytes | None, *, now: float | None = None,
-              deliveries: int = 1) -> Job | Rejection:
+              deliveries: int = 1, stream: str = "") -> Job | Rejection:
         now = time.time() if now is None else now
         try:
             req = wire.decode_request(payload, self.max_tensor_bytes)
         except GraftError as exc:
             req_id, client = wire.peek_ids(payload) if payload is not None else (None, None)
-            return Rejection(entry_id, exc, req_id, client, now, payload)
+            return Rejection(entry_id, exc, req_id, client, now, payload, stream=stream)
+        source = req.source or entry_id
         try:
             req.tensor = self._check(req)
         except GraftError as exc:
-            return Rejection(entry_id, exc, req.req_id, req.client, req.received or now, payload, req.blob)
+            return Rejection(entry_id, exc, req.req_id, req.client, req.received or now, payload, req.blob,
+                             source, stream)
         received = req.received if req.received is not None else now
+        req.source = source
         # An entry without a deadline did not come through an ingress; the largest budget bounds it.
         deadline = req.deadline if req.deadline is not None else received + self.max_budget_s
-        return Job(entry_id, req, Pending(entry_id, req.cut, deadline, received), received, deliveries, now)
+        where = keys.parse_group_stream(stream) if stream else None
+        return Job(entry_id, req, Pending(entry_id, req.cut, deadline, received), received, deliveries, now,
+                   stream, None if where is None else where[0], None if where is None else where[1])
 
     @staticmethod
     def blob_expired(job: Job, data: object, now: float) -> bool:
@@ -118,16 +128,16 @@ class Intake:
         try:
             req.tensor = self._shape(req, wire.decode_blob(req.blob_meta, data, req.blob))
         except GraftError as exc:
-            return Rejection(job.entry_id, exc, req.req_id, req.client, job.received, None, req.blob)
+            return Rejection(job.entry_id, exc, req.req_id, req.client, job.received, None, req.blob,
+                             req.source, job.stream)
         return job
 
     def _check(self, req: wire.Request) -> np.ndarray | None:
-        if req.model != self.spec.model:
-            raise InvalidRequest(f"request for {req.model!r} reached group {self.spec.id} of {self.spec.model!r}",
-                                 model=req.model, group=self.spec.id)
-        if not self.spec.min_cut <= req.cut < self.info.n_blocks:
-            raise BadCut(f"cut {req.cut} is not served by group {self.spec.id} "
-                         f"({self.spec.min_cut}..{self.info.n_blocks - 1} of {self.spec.model})",
+        if req.model != self.info.name:
+            raise InvalidRequest(f"request for {req.model!r} reached a replica of {self.info.name!r}",
+                                 model=req.model)
+        if not 0 <= req.cut < self.info.n_blocks:
+            raise BadCut(f"cut {req.cut} is not valid for {req.model} (0..{self.info.n_blocks - 1})",
                          model=req.model, cut=req.cut)
         t = req.tensor
         if t is None:
@@ -138,16 +148,8 @@ class Intake:
         return self._shape(req, t)
 
     def _shape(self, req: wire.Request, t: np.ndarray) -> np.ndarray:
-        want = self.info.cut_shape(req.cut)
-        if t.ndim == len(want) + 1 and t.shape[0] == 1:
-            t = t[0]
         self._check_meta(req, t.dtype.name, tuple(t.shape))
         return t
 
     def _check_meta(self, req: wire.Request, dtype: str, shape: tuple[int, ...]) -> None:
-        want = self.info.cut_shape(req.cut)
-        if len(shape) == len(want) + 1 and shape[0] == 1:
-            shape = shape[1:]
-        if dtype != np.dtype(np.float32).name or tuple(shape) != want:
-            raise BadTensor(f"{req.model} at cut {req.cut} takes float32 {list(want)}, "
-                            f"got {dtype} {list(shape)}", expected=list(want), got=list(shape))
+        admission.check_tensor(req.model, req.cut, dtype, tuple(shape), self.info.cut_shape(req.cut))

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import structlog
 
-from common.contract.routing import GroupSpec, PlanView
 from common.profiles import ModelProfile, Profile, ProfileError, shipped
 from common.settings import Settings
 
@@ -113,22 +112,30 @@ class LatencyModel:
         self.samples += 1
 
 
-def load_latency_model(settings: Settings, plan: PlanView, spec: GroupSpec, n_blocks: int) -> LatencyModel:
-    """Profile latency at the group's share when the profile knows the model, else the online model."""
-    name = settings.profile or plan.raw.get("profile")
-    profile = None
-    reason = "no profile configured"
-    if isinstance(name, str) and name:
-        path = Path(name) if Path(name).exists() else shipped(name)
-        try:
-            profile = Profile.load(path).model(spec.model)
-        except ProfileError as exc:
-            reason = str(exc)
-    model = LatencyModel(n_blocks, profile=profile, share=spec.share, prior_ms=spec.latency_ms,
-                         prior_batch=spec.batch, prior_cut=spec.min_cut)
-    if model.source != "profile":
-        # Only a profile that is configured but unusable is worth a warning; none at all is a choice.
-        emit = log.warning if profile is not None or reason != "no profile configured" else log.info
-        emit("latency_model_online", model=spec.model, share=spec.share,
-             reason=model.fallback_reason if profile is not None else reason)
+    def carry_from(self, other: LatencyModel) -> None:
+        """Keep what ``other`` learnt of this host's speed (same model, same share, same process)."""
+        self._log_ratio, self.samples = other._log_ratio, other.samples
+
+
+def load_profile_model(settings: Settings, model: str, plan_profile: str | None = None) -> ModelProfile | None:
+    """The profile of ``model`` a replica predicts latencies from (``GRAFT_PROFILE``, else the plan's)."""
+    name = settings.profile or plan_profile
+    if not name:
+        log.info("latency_model_online", model=model, reason="no profile configured")
+        return None
+    path = Path(name) if Path(name).exists() else shipped(name)
+    try:
+        return Profile.load(path).model(model)
+    except ProfileError as exc:
+        log.warning("latency_model_online", model=model, reason=str(exc))
+        return None
+
+
+def latency_model(profile: ModelProfile | None, n_blocks: int, share: int, *, prior_ms: float = 0.0,
+                  prior_batch: int = 1, prior_cut: int = 0) -> LatencyModel:
+    """Profile latency at ``share`` when the profile knows it, else the online work model."""
+    model = LatencyModel(n_blocks, profile=profile, share=share, prior_ms=prior_ms, prior_batch=prior_batch,
+                         prior_cut=prior_cut)
+    if model.source != "profile" and profile is not None:
+        log.warning("latency_model_online", share=share, reason=model.fallback_reason)
     return model

@@ -46,26 +46,33 @@ class Runner(Protocol):
 
 @dataclass(slots=True)
 class Done:
-    """One answered entry: ack ``entry_id``; reply to ``client`` (None: nobody to answer); delete ``blob``."""
+    """One answered entry: ack ``entry_id`` on ``stream``; reply to ``client`` (None: nobody to answer);
+    delete ``blob``. ``deadline``: the request's, so the reply ledger knows how long to remember it."""
 
     entry_id: str
     client: str | None
     reply: wire.Reply
     blob: str | None = None
+    stream: str = ""
+    deadline: float | None = None
+
+    @classmethod
+    def of(cls, job: Job, reply: wire.Reply) -> Done:
+        reply.source = job.request.source
+        return cls(job.entry_id, job.client, reply, job.blob, job.stream, job.deadline)
 
 
 Sink = Callable[[list[Done]], Awaitable[None]]
 
 
 class BatchLoop:
-    def __init__(self, runner: Runner, latency: LatencyModel, sink: Sink, *, max_batch: int, epoch: int,
-                 group: str, alpha: float = 0.2, eager: bool = True) -> None:
+    def __init__(self, runner: Runner, latency: LatencyModel, sink: Sink, *, max_batch: int,
+                 alpha: float = 0.2, eager: bool = True) -> None:
         self.runner = runner
         self.latency = latency
         self.sink = sink
         self.max_batch = max_batch
-        self.epoch = epoch
-        self.group = group
+        self.group = ""  # the active group, for metrics labels ("" on standby)
         self.alpha = alpha
         self.eager = eager  # work-conserving (GRAFT_BATCHING=eager) or wait for the head's slack
         self.queue = EdfQueue()
@@ -89,6 +96,13 @@ class BatchLoop:
 
     def _policy(self) -> BatchPolicy:
         return BatchPolicy(self.max_batch, self.latency, margin_s=self.margin_s, drop_early=True, eager=self.eager)
+
+    def retarget(self, *, max_batch: int, latency: LatencyModel, group: str) -> None:
+        """Serve with another batch size and latency model from the next decision on (a new assignment);
+        queued jobs stay queued and are batched under the new rules."""
+        self.max_batch, self.latency, self.group = max(1, max_batch), latency, group
+        self.policy = self._policy()
+        self._wake.set()
 
     def _woke_late(self, late_s: float) -> None:
         # A decaying peak, not a mean: one late timer is what makes a request miss.
@@ -177,7 +191,7 @@ class BatchLoop:
             late_ms = round((now - job.deadline) * 1000.0, 3)
             exc = DeadlineExceeded(f"request cannot finish before its deadline (late by {max(late_ms, 0.0)} ms "
                                    f"or too little time left to run)", late_ms=late_ms)
-            done.append(Done(job.entry_id, job.client, self._failure(job, exc, now, None), job.blob))
+            done.append(Done.of(job, self._failure(job, exc, now, None)))
             log.info(Event.DEADLINE_EXCEEDED, req_id=job.req_id, cut=job.pending.cut, late_ms=late_ms)
         self.expired += len(done)
         SLO.labels(group=self.group, met="false").inc(len(done))
@@ -212,7 +226,7 @@ class BatchLoop:
             now = time.time()
             SLO.labels(group=self.group, met="false").inc(n)
             try:
-                await self.sink([Done(j.entry_id, j.client, self._failure(j, err, now, n), j.blob) for j in jobs])
+                await self.sink([Done.of(j, self._failure(j, err, now, n)) for j in jobs])
             finally:
                 self._release(jobs)
             return
@@ -221,9 +235,9 @@ class BatchLoop:
         self.latency.observe(counts, compute_s)
         now = time.time()
         compute_ms = compute_s * 1000.0
-        done = [Done(j.entry_id, j.client, wire.Reply.result(
-            j.req_id, out, server_ms=(now - j.received) * 1000.0, epoch=self.epoch, group=self.group, batch=n,
-            timings=self._timings(j, start, compute_ms)), j.blob)
+        done = [Done.of(j, wire.Reply.result(
+            j.req_id, out, server_ms=(now - j.received) * 1000.0, epoch=j.epoch, group=j.group, batch=n,
+            timings=self._timings(j, start, compute_ms)))
             for j, out in zip(jobs, outputs, strict=True)]
         t1 = time.perf_counter()
         try:
@@ -254,5 +268,5 @@ class BatchLoop:
 
     def _failure(self, job: Job, exc: GraftError, now: float, batch: int | None) -> wire.Reply:
         REQUESTS.labels(service="worker", outcome=str(exc.code)).inc()
-        return wire.Reply.failure(job.req_id, exc, server_ms=(now - job.received) * 1000.0, epoch=self.epoch,
-                                  group=self.group, batch=batch)
+        return wire.Reply.failure(job.req_id, exc, server_ms=(now - job.received) * 1000.0, epoch=job.epoch,
+                                  group=job.group, batch=batch)
