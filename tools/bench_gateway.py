@@ -190,6 +190,7 @@ async def bench_gateway(*, rate: float, duration_s: float, rounds: int, concurre
         finally:
             await r.aclose()
 
+    load_start = os.getloadavg()[0]  # other tenants of the host show here: the figures are only as calm as it
     system = await start_system(settings, profile_path, log_dir=log_dir, services=("ingress", "worker", "gateway"),
                                 before_services=publish)
     http, grpc_url = f"127.0.0.1:{hp}", f"127.0.0.1:{gp}"
@@ -232,6 +233,7 @@ async def bench_gateway(*, rate: float, duration_s: float, rounds: int, concurre
                     "added_p50_ms": _pct(v, 50) - _pct(base, 50), "added_p99_ms": _pct(v, 99) - _pct(base, 99)}
              for name, v in lat.items()}
     return {"model": MODEL, "cut": cut, "resolution": RES, "tensor_bytes": int(np.prod(shape)) * 4,
+            "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]},
             "rate_rps": rate, "rounds": rounds, "seconds_per_round": duration_s, "paths": paths,
             "throughput": throughput, "concurrency": concurrency, "cpus": os.cpu_count()}
 
@@ -277,8 +279,9 @@ def gateway(out: Annotated[Path, typer.Option(help="folder for gateway.json and 
     if as_json:
         typer.echo(json.dumps(result, indent=1))
         return
+    load = result["load_average_1m"]
     t = Table(title=f"graft bench gateway ({result['model']} cut {result['cut']}, {result['tensor_bytes']} B "
-                    f"tensors, {result['cpus']} cores)")
+                    f"tensors, {result['cpus']} cores, load {load['start']:.1f} → {load['end']:.1f})")
     t.add_column("path")
     t.add_column(f"p50 / p99 at {rate:.0f} req/s (ms)", justify="right")
     t.add_column("added p50 / p99 (ms)", justify="right")

@@ -8,6 +8,7 @@ additions); ``429`` carries ``Retry-After``. The runner cancels a handler whose 
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 from collections.abc import Awaitable, Callable
@@ -45,28 +46,35 @@ def error_response(exc: GatewayError) -> web.Response:
     return _json({"error": exc.text(), "code": exc.code, "details": exc.details}, exc.http_status, headers)
 
 
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except GatewayError as exc:
-        return error_response(exc)
-    except web.HTTPException as exc:  # aiohttp's own: no route (404), wrong method (405)
-        if exc.status < 400:
-            raise
-        code = NOT_FOUND if exc.status == 404 else "INVALID_REQUEST" if exc.status < 500 else "INTERNAL"
-        return _json({"error": f"{code}: {exc.reason}", "code": code, "details": {}}, exc.status)
-    except Exception as exc:  # a fault of the gateway itself: a 500 the client can read, and the trace in the log
-        log.exception("gateway_request_failed", path=request.path)
-        return error_response(GatewayError("INTERNAL", f"gateway fault: {type(exc).__name__}: {exc}"))
+def answering(handler: Handler) -> Handler:
+    """Turn a handler's refusals into OIP error responses (a decorator, not an aiohttp middleware: that
+    costs some 20 µs of CPU per request here, a tenth of a small inference's time in the gateway)."""
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except GatewayError as exc:
+            return error_response(exc)
+        except Exception as exc:  # a fault of the gateway itself: a 500 the client can read, the trace in the log
+            log.exception("gateway_request_failed", path=request.path)
+            return error_response(GatewayError("INTERNAL", f"gateway fault: {type(exc).__name__}: {exc}"))
+    return wrapped
+
+
+async def _no_such_path(request: web.Request) -> web.Response:
+    return _json({"error": f"NOT_FOUND: no endpoint {request.method} {request.path}", "code": NOT_FOUND,
+                  "details": {}}, 404)
 
 
 class HttpApi:
     def __init__(self, door: FrontDoor) -> None:
         self.door = door
         self.max_body_bytes = door.settings.max_tensor_bytes + BODY_SLACK_BYTES
-        self.app = web.Application(middlewares=[_errors], client_max_size=self.max_body_bytes)
-        add = self.app.router.add_route
+        self.app = web.Application(client_max_size=self.max_body_bytes)
+
+        def add(method: str, path: str, handler: Handler) -> None:
+            self.app.router.add_route(method, path, answering(handler))
+
         add("GET", "/v2/health/live", self.live)
         add("GET", "/v2/health/ready", self.ready)
         add("GET", "/v2", self.server_metadata)
@@ -74,6 +82,7 @@ class HttpApi:
             add("GET", base, self.model_metadata)
             add("GET", base + "/ready", self.model_ready)
             add("POST", base + "/infer", self.infer)
+        self.app.router.add_route("*", "/{path:.*}", _no_such_path)  # JSON, like every other error
         self._runner: web.AppRunner | None = None
         self.port = 0
 

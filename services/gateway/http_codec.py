@@ -38,7 +38,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
         if not 0 < n <= len(body):
             raise invalid(f"{HEADER_LENGTH} {n} is outside the body of {len(body)} bytes")
     try:
-        header = json.loads(view[:n].tobytes())
+        header = json.loads(body if n == len(body) else body[:n])
     except (ValueError, UnicodeDecodeError) as exc:
         raise invalid(f"request is not valid JSON: {exc}") from None
     if not isinstance(header, dict):

@@ -269,7 +269,7 @@ def response_parameters(replies: Sequence[wire.Reply]) -> dict[str, bool | int |
         params["batch"] = max(batches)
     if len(replies) == 1:
         if replies[0].timings:
-            params["timings"] = json.dumps(_row_facts(replies[0])["timings"], separators=(",", ":"))
+            params["timings"] = json.dumps(replies[0].timings, separators=(",", ":"))
     else:
         params["rows"] = json.dumps([_row_facts(r) for r in replies], separators=(",", ":"))
     return params
