@@ -14,7 +14,9 @@ one model at one share, that do what their assignment says.
 * **Crashes.** A process that dies is noticed at once (a waiter per child). Its slot — consumer name,
   streams, pending entries — is handed to a warm standby of the same device, model and share, which
   re-reads the slot's pending entries and serves on; a new standby is started behind it. Without a
-  standby the slot gets a new process after a short backoff.
+  standby the slot gets a new process. Processes of a kind (device, model, share) that keep dying,
+  standbys included, are restarted after a backoff per kind (0.2 s doubling to 5 s, reset after a
+  stable run; after an exit 2 — cannot be served here — 5 s doubling to 60 s), reported in the status.
 * **Standbys.** ``GRAFT_STANDBY_REPLICAS`` (default 1) loaded, idle processes per (device, model,
   share) in use. They cost memory, and on a GPU an MPS client slot, but no share: a standby computes
   nothing until it takes over.
@@ -55,7 +57,7 @@ from services.lifecycle import Heartbeat
 from services.worker.assignment import Slot, Wanted, retarget
 from services.worker.control import Assignment, Task
 from services.worker.device import Device, DeviceError
-from services.worker.process import Backoff, ReplicaProcess, cancel_tasks, terminate_all
+from services.worker.process import EXIT_CONFIG, Backoff, ReplicaProcess, cancel_tasks, terminate_all
 from services.worker.replica import REPLICA_TTL_S
 
 WORKER_TTL_S = 5.0
@@ -109,8 +111,11 @@ class Agent:
         self.slots: list[Slot] = []
         self.procs: dict[str, ReplicaProcess] = {}  # by process name
         self._bound: dict[str, str] = {}  # slot consumer -> process name
-        self._restart_at: dict[str, float] = {}  # slot consumer -> when to give it a new process
-        self._backoff: dict[str, Backoff] = {}
+        # Processes of a kind that keep dying: no new one of that kind (for a slot or as a standby) before
+        # _spawn_at[key]; a process that exits unasked moves it by _backoff[key].
+        self._spawn_at: dict[ProcKey, float] = {}
+        self._backoff: dict[ProcKey, Backoff] = {}
+        self._last_exit: dict[ProcKey, int | None] = {}
         self._next_proc = 0
         self._ports: dict[str, int] = {}
         self._view: PlanView | None = None
@@ -138,12 +143,18 @@ class Agent:
         return {"host": socket.gethostname(), "node": self.node, "pid": os.getpid(), "devices": sorted(self.devices),
                 "all_cpu_devices": self._all_cpu, "epoch": self.epoch, "mps": self._mps,
                 "metrics_port": self.health_port, "standby_target": self.standby, "takeovers": self.takeovers,
-                "restarts": self.restarts, "unserved": self.unserved,
+                "restarts": self.restarts, "unserved": self.unserved, "backoff": self._backoff_status(),
                 "slots": [{"consumer": s.consumer, "device": s.device, "model": s.model, "share": s.share,
                            "group": None if s.active is None else s.active.group,
                            "epoch": None if s.active is None else s.active.epoch, "draining": list(s.draining),
                            "process": self._bound.get(s.consumer)} for s in self.slots],
                 "replicas": [p.describe() for p in self.procs.values()]}
+
+    def _backoff_status(self) -> list[dict[str, Any]]:
+        """Kinds of process (device, model, share) that may not be started yet, their last exit and the wait."""
+        now = time.monotonic()
+        return [{"device": k[0], "model": k[1], "share": k[2], "exit_code": self._last_exit.get(k),
+                 "retry_in_s": round(at - now, 3)} for k, at in sorted(self._spawn_at.items()) if at > now]
 
     async def run(self, stop: asyncio.Event | None = None) -> int:
         """Serve until ``stop()`` (or ``stop`` is set); every child is stopped before returning."""
@@ -308,8 +319,8 @@ class Agent:
                 if name is not None:
                     self.takeovers += 1
                     log.info("slot_takeover", slot=slot.consumer, process=proc.name, ready=bool(ready))
-            elif time.monotonic() < self._restart_at.get(slot.consumer, 0.0):
-                return  # backing off: this slot's processes keep dying
+            elif not self._may_spawn(key):
+                return  # backing off: processes of this kind keep dying
             else:
                 proc = await self._spawn(slot.device, slot.model, slot.share)
                 if name is not None:
@@ -344,6 +355,9 @@ class Agent:
         in_use = any(self._key(s.device, s.model, s.share) == key and s.active is not None for s in self.slots)
         return self.standby if in_use else 0
 
+    def _may_spawn(self, key: ProcKey) -> bool:
+        return time.monotonic() >= self._spawn_at.get(key, 0.0)
+
     async def _supervise(self) -> None:
         now = time.monotonic()
         bound = {n: c for c, n in self._bound.items()}
@@ -351,17 +365,21 @@ class Agent:
             if proc.alive:
                 continue
             slot = bound.get(name)
-            log_fn = log.info if proc.exit_code == 0 or self._stopping else log.warning
-            log_fn(Event.REPLICA_EXITED, process=name, slot=slot, exit_code=proc.exit_code)
+            asked = name in self._leaving
+            log_fn = log.info if (proc.exit_code == 0 and asked) or self._stopping else log.warning
+            log_fn(Event.REPLICA_EXITED, process=name, slot=slot, exit_code=proc.exit_code,
+                   reason="stopped" if asked else "cannot be served here" if proc.exit_code == EXIT_CONFIG else "died")
             del self.procs[name]
             self._ports.pop(name, None)
             self._ready_procs.discard(name)
             self._leaving.discard(name)
             self._watch.pop(name, None)
-            if slot is not None and not self._stopping:
-                ran = now - proc.started_at
-                delay = self._backoff.setdefault(slot, Backoff()).next(ran)
-                self._restart_at[slot] = now + delay if proc.exit_code != 0 and ran < 2.0 else now
+            if not asked and not self._stopping:
+                # Standbys too: a kind whose every process dies while loading must not be restarted in a loop.
+                key = self._key(proc.device.name, proc.model, proc.share)
+                delay = self._backoff.setdefault(key, Backoff()).next(now - proc.started_at, proc.exit_code)
+                self._spawn_at[key] = now + delay
+                self._last_exit[key] = proc.exit_code
         if self._stopping:
             return
         for each in list(self.slots):
@@ -372,6 +390,8 @@ class Agent:
     async def _keep_standbys(self) -> None:
         keys_in_use = {self._key(s.device, s.model, s.share): s for s in self.slots if s.active is not None}
         for key, slot in keys_in_use.items():
+            if not self._may_spawn(key):
+                continue
             free = self._free_standbys(key)
             for _ in range(self.standby - len(free)):
                 await self._spawn(slot.device, slot.model, slot.share)

@@ -26,6 +26,7 @@ EXIT_OK, EXIT_CRASH, EXIT_CONFIG = 0, 1, 2
 
 BACKOFF_START_S = 0.2
 BACKOFF_MAX_S = 5.0
+CONFIG_BACKOFF_MAX_S = 60.0  # exit 2: a restart will not help; try again rarely (a GPU may come back)
 STABLE_S = 30.0
 
 
@@ -143,14 +144,21 @@ async def cancel_tasks(tasks: Sequence[asyncio.Task[Any]], *, attempts: int = 5,
 
 
 class Backoff:
-    """Restart delays of one slot whose processes keep dying: fast at first, capped, reset when stable."""
+    """Delays before the next process of a kind whose processes keep dying: fast at first, capped, reset
+    after a stable run. An exit 2 (``EXIT_CONFIG``: the model or device cannot be served here) waits at
+    least ``BACKOFF_MAX_S`` and doubles up to ``CONFIG_BACKOFF_MAX_S``: each try costs a process start
+    (seconds of CPU to import torch) and cannot succeed until something outside changes."""
 
     def __init__(self) -> None:
         self.delay = BACKOFF_START_S
 
-    def next(self, ran_s: float) -> float:
-        if ran_s >= STABLE_S:
-            self.delay = BACKOFF_START_S
+    def next(self, ran_s: float, exit_code: int | None = None) -> float:
+        if exit_code == EXIT_CONFIG:
+            self.delay, cap = max(self.delay, BACKOFF_MAX_S), CONFIG_BACKOFF_MAX_S
+        else:
+            if ran_s >= STABLE_S:
+                self.delay = BACKOFF_START_S
+            self.delay, cap = min(self.delay, BACKOFF_MAX_S), BACKOFF_MAX_S
         delay = self.delay
-        self.delay = min(BACKOFF_MAX_S, self.delay * 2)
+        self.delay = min(cap, self.delay * 2)
         return delay
