@@ -339,7 +339,9 @@ class Agent:
         proc = self.procs.get(name) if name is not None else None
         if proc is None or not proc.alive:
             return
-        if len(self._free_standbys(self._key(proc.device.name, proc.model, proc.share))) < self._standby_target(proc):
+        # It is unbound now, so it is among the free standbys itself: count the others.
+        others = [p for p in self._free_standbys(self._key(proc.device.name, proc.model, proc.share)) if p is not proc]
+        if len(others) < self._standby_target(proc):
             await proc.assign(Assignment(0, None, proc.share))
             log.info("slot_released", slot=slot.consumer, process=proc.name, now="standby")
         else:
