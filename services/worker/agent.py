@@ -27,7 +27,7 @@ one model at one share, that do what their assignment says.
 Its devices live on the node ``GRAFT_NODE`` names (see ``device.py``); in "all CPU devices" mode it
 serves every ``cpuN`` placement of the plan on this host, at most ``GRAFT_MAX_CPU_PROCESSES``
 processes (placements beyond are left unserved, reported in the status, and their traffic follows
-the ingress's fallback to another group of the model).
+the ingress's fallback to another group of the model; standbys only take the room placements leave).
 """
 
 from __future__ import annotations
@@ -396,13 +396,22 @@ class Agent:
                 continue
             free = self._free_standbys(key)
             for _ in range(self.standby - len(free)):
+                if not self.devices[slot.device].is_gpu and self._cpu_processes() >= self.max_cpu_processes:
+                    break  # the cap is for the placements first; standbys get the room they leave
                 await self._spawn(slot.device, slot.model, slot.share)
-        # standbys of (device, model, share) no slot uses any more
+        # standbys of (device, model, share) no slot uses any more, and CPU standbys beyond the cap
         bound = set(self._bound.values())
+        excess = self._cpu_processes() - self.max_cpu_processes
         for name, proc in list(self.procs.items()):
-            if (name not in bound and name not in self._leaving and proc.alive
-                    and self._key(proc.device.name, proc.model, proc.share) not in keys_in_use):
+            if name in bound or name in self._leaving or not proc.alive:
+                continue
+            if (self._key(proc.device.name, proc.model, proc.share) not in keys_in_use
+                    or (excess > 0 and not proc.device.is_gpu)):
                 await self._retire(proc)
+                excess -= 0 if proc.device.is_gpu else 1
+
+    def _cpu_processes(self) -> int:
+        return sum(1 for n, p in self.procs.items() if p.alive and n not in self._leaving and not p.device.is_gpu)
 
     # ------------------------------------------------------------------------- observing, draining
 
