@@ -14,6 +14,7 @@ from typer.testing import CliRunner, Result
 from common.contract import keys, wire
 from common.contract.errors import BadCut, Overloaded
 from common.store.plan_store import publish_plan
+from common.store.registry import Registry
 from common.store.streams import dead_letter, ensure_group
 from services.planner.replanning import Steering
 from tools import admin
@@ -56,7 +57,12 @@ async def cli(*args: str) -> Result:
 
 
 async def heartbeat(r: Any, key: tuple[str, str], age_s: float = 0.0, **body: Any) -> None:
-    await r.set(keys.health(*key), wire.encode_message("health", {"ts": time.time() - age_s, **body}), ex=30)
+    """A registry entry for instance ``key = (kind, name)``, last seen ``age_s`` ago (Redis clock)."""
+    kind, name = key
+    await Registry(r, kind, 30.0).beat(name, body)
+    if age_s:
+        secs, micros = await r.time()
+        await r.zadd(keys.registry_seen(kind), {name: int(secs) * 1000 + int(micros) // 1000 - int(age_s * 1000)})
 
 
 async def control_commands(r: Any) -> list[dict[str, Any]]:
@@ -70,8 +76,10 @@ async def test_status_shows_heartbeats_the_plan_and_each_group_backlog(redis: An
     await publish_plan(redis, PLAN1)
     await heartbeat(redis, ("planner", "p1"), status="running", epoch=1)
     await heartbeat(redis, ("ingress", "ing-a"), age_s=2.0, epoch=1, routed=7)
-    await heartbeat(redis, ("replica", "gpu0-g0-0"), state="draining", epoch=1, service="replica", name="stale-name")
-    await redis.set(keys.health("worker", "w-garbled"), b"not msgpack", ex=30)
+    await heartbeat(redis, ("replica", "gpu0-g0-0"), state="draining", epoch=1, service="replica")
+    await heartbeat(redis, ("replica", "gone"), age_s=30.0, state="serving")  # past the replica TTL: not listed
+    await redis.hset(keys.registry("worker"), "w-garbled", b"not msgpack")  # not a registry status: ignored
+    await redis.zadd(keys.registry_seen("worker"), {"w-garbled": 10**13})
     # g0's stream: 3 entries, one delivered to a worker and still pending; g1 never got traffic.
     stream = keys.group_stream(1, "g0")
     for i in range(3):
@@ -83,13 +91,10 @@ async def test_status_shows_heartbeats_the_plan_and_each_group_backlog(redis: An
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
     services = {(s["service"], s["name"]): s for s in data["services"]}
-    assert list(services) == [("ingress", "ing-a"), ("planner", "p1"), ("replica", "gpu0-g0-0"),
-                              ("worker", "w-garbled")]  # sorted by service, then name
+    assert list(services) == [("ingress", "ing-a"), ("planner", "p1"), ("replica", "gpu0-g0-0")]
     assert services[("planner", "p1")]["status"] == "running"
     assert services[("replica", "gpu0-g0-0")]["status"] == "draining"  # a replica's "state"
     assert services[("ingress", "ing-a")]["status"] == "up" and services[("ingress", "ing-a")]["routed"] == 7
-    assert services[("worker", "w-garbled")]["status"] == "unreadable"
-    assert services[("worker", "w-garbled")]["age_s"] is None
     assert 1.5 < services[("ingress", "ing-a")]["age_s"] < 10
     assert data["plan"]["epoch"] == 1 and [g["id"] for g in data["plan"]["groups"]] == ["g0", "g1", "g2"]
     backlog = {g["group"]: g for g in data["groups"]}
@@ -105,7 +110,7 @@ async def test_status_shows_heartbeats_the_plan_and_each_group_backlog(redis: An
     out = res.output
     assert "plan epoch 1 · policy graft · total share 90 · devices 1" in out
     assert "ing-a" in out and "gpu0-g0-0" in out and "draining" in out and "running" in out
-    assert "stale-name" not in out  # the key names the instance, not the body
+    assert "gone" not in out and "w-garbled" not in out
     lines = [line for line in out.splitlines() if "│ g0 " in line]
     assert any("│ 3 " in line and "│ 1 " in line for line in lines), out  # length 3, pending 1, consumers 1
 

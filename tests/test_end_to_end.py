@@ -15,10 +15,13 @@ import torch
 
 from common.client.sdk import GraftClient
 from common.contract import keys
+from common.contract.routing import serving_from
 from common.model.zoo import build_blocks
 from common.settings import Settings
 from common.store.plan_store import publish_plan
+from common.store.registry import Registry
 from services.ingress.service import IngressService
+from services.lifecycle import Heartbeat
 from services.worker.agent import Agent
 from services.worker.device import Device
 from tests.helpers import run_blocks
@@ -52,12 +55,15 @@ def blocks() -> dict[str, list[torch.nn.Module]]:
     return {m: build_blocks(m, resolution=RES, seed=0) for m in MODELS}
 
 
-async def serving(r: Any, consumers: Sequence[str], timeout: float = 90.0) -> None:
-    """Until every named replica heartbeats (it has loaded its blocks and reads its stream)."""
+async def serving(r: Any, streams: Sequence[str], timeout: float = 90.0) -> None:
+    """Until a live replica reads every one of ``streams`` (it has loaded its model and was assigned)."""
     deadline = time.monotonic() + timeout
-    names = [keys.health("replica", c) for c in consumers]
-    while await r.exists(*names) != len(names):
-        assert time.monotonic() < deadline, f"replicas {list(consumers)} never came up"
+    registry = Registry(r, keys.REPLICA_KIND, 2.0)
+    while True:
+        live = serving_from((await registry.live()).values())
+        if all(live.live(s) for s in streams):
+            return
+        assert time.monotonic() < deadline, f"no live replica reads {[s for s in streams if not live.live(s)]}"
         await asyncio.sleep(0.1)
 
 
@@ -65,13 +71,19 @@ async def serving(r: Any, consumers: Sequence[str], timeout: float = 90.0) -> No
 async def system(redis: Any, redis_url: str) -> AsyncIterator[Agent]:
     settings = Settings(redis_url=redis_url, resolution=RES, models=MODELS, log_level="warning", block_ms=50)
     await publish_plan(redis, EPOCH1)
-    ingress = IngressService(redis, settings, name="ingress-e2e", plan_interval_s=0.05, heartbeat_s=0.2)
-    agent = Agent(settings, [Device("cpu", 0)], name="agent-e2e", poll_s=0.05, stop_grace_s=10.0)
+    status: dict[str, Any] = {}
+    ingress = IngressService(redis, settings, name="ingress-e2e", plan_interval_s=0.05, serving_interval_s=0.05,
+                             status=status)
+    hb = Heartbeat(redis, keys.INGRESS_KIND, "ingress-e2e", interval_s=0.2)
+    hb.status = status  # what agents read to know the ingress's epoch (drains wait for it)
+    agent = Agent(settings, [Device("cpu", 0)], name="agent-e2e", poll_s=0.05, stop_grace_s=10.0, standby=0)
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(ingress.run(stop)), asyncio.create_task(agent.run())]
+    tasks = [asyncio.create_task(ingress.run(stop)), asyncio.create_task(agent.run()),
+             asyncio.create_task(hb.run(stop))]
     try:
         await asyncio.wait_for(ingress.ready.wait(), 30)
-        await serving(redis, ["cpu0-r-0", "cpu0-m-0"])
+        await serving(redis, [keys.group_stream(1, "r"), keys.group_stream(1, "m")])
+        await asyncio.sleep(0.2)  # the ingress's own registry poll
         yield agent
     finally:
         agent.stop()
@@ -149,10 +161,10 @@ async def test_plan_switch_under_load_loses_no_reply(
     assert epochs.index(2) > 0 and all(e == 2 for e in epochs[epochs.index(2) + 8:]), "no flapping back to epoch 1"
     groups2 = {rep.group for rep in got if rep.epoch == 2}
     assert {"r-lo", "r-hi"} & groups2
-    # The retired epoch's replicas drain their streams and leave; only epoch 2 remains.
+    # The retired epoch's streams are drained and dropped: every slot serves epoch 2 alone.
     deadline = time.monotonic() + 60
-    while not all(p.slot.epoch == 2 for p in system.replicas):
-        assert time.monotonic() < deadline, "epoch-1 replicas never drained"
+    while not all(s.active is not None and s.active.epoch == 2 and not s.draining for s in system.slots):
+        assert time.monotonic() < deadline, "epoch-1 streams never drained"
         await asyncio.sleep(0.1)
     for gid in ("r", "m"):
         for g in await redis.xinfo_groups(keys.group_stream(1, gid)):

@@ -20,9 +20,9 @@ from common.model.zoo import describe
 from common.settings import Settings
 from common.store.plan_store import publish_plan
 from common.store.streams import list_dead_letters
-from services.ingress.__main__ import check
 from services.ingress.bench import measure_routing_rate
-from services.ingress.service import IngressService, route
+from services.ingress.service import IngressService
+from tests.helpers import serving_replica
 
 RES = 32
 INFO = describe("resnet18", RES)
@@ -84,17 +84,33 @@ def settings(redis_url: str) -> Settings:
     return Settings(redis_url=redis_url, models=("resnet18",), resolution=RES, max_slo_ms=10_000.0)
 
 
+def start(redis: Redis, settings: Settings, name: str = "ingress-t") -> tuple[IngressService, asyncio.Event,
+                                                                                asyncio.Task[None]]:
+    service = IngressService(redis, settings, name=name, plan_interval_s=0.05, shed_interval_s=0.03,
+                             stats_interval_s=0.1, serving_interval_s=0.05)
+    stop = asyncio.Event()
+    return service, stop, asyncio.create_task(service.run(stop))
+
+
+async def seen_serving(service: IngressService, *streams: str) -> None:
+    await eventually(lambda: _all_live(service, streams))
+
+
+async def _all_live(service: IngressService, streams: tuple[str, ...]) -> bool:
+    return all(service.serving.live(s) for s in streams)
+
+
 @pytest.fixture
 async def ingress(redis: Redis, settings: Settings) -> AsyncIterator[IngressService]:
     await publish_plan(redis, PLAN)
-    service = IngressService(redis, settings, name="ingress-t", plan_interval_s=0.05, shed_interval_s=0.03,
-                             stats_interval_s=0.1, heartbeat_s=0.1)
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    await asyncio.wait_for(service.ready.wait(), 10)
-    yield service
-    stop.set()
-    await asyncio.wait_for(task, 10)
+    streams = (keys.group_stream(1, "g0"), keys.group_stream(1, "g1"))
+    async with serving_replica(redis, *streams):
+        service, stop, task = start(redis, settings)
+        await asyncio.wait_for(service.ready.wait(), 10)
+        await seen_serving(service, *streams)
+        yield service
+        stop.set()
+        await asyncio.wait_for(task, 10)
 
 
 async def send(r: Redis, *payloads: bytes) -> None:
@@ -113,7 +129,10 @@ async def test_valid_requests_routed_by_cut_with_deadline_stamped(redis: Redis, 
     (c,) = await group_entries(redis, keys.group_stream(1, "g1"), 1)
     assert [r.req_id for r in g0] == ["a", "b"] and c.req_id == "c"
     for req in (*g0, c):
-        assert req.received is not None and req.deadline is not None and before <= req.received <= time.time()
+        # the receive time is the Redis time in the entry's id (ms resolution), one clock for every ingress
+        assert req.received is not None and req.deadline is not None
+        assert before - 0.01 <= req.received <= time.time()
+        assert req.source is not None and int(req.source.split("-")[0]) == round(req.received * 1000)
         assert req.tensor is not None and req.tensor.shape == INFO.cut_shape(req.cut)
     assert g0[0].deadline == pytest.approx(g0[0].received + 0.5)  # type: ignore[operator]
     assert c.budget_ms == pytest.approx(200.0) and c.deadline == pytest.approx(c.received + 0.2)  # type: ignore[operator]
@@ -272,19 +291,22 @@ async def test_switches_to_a_newer_plan_only_once_its_workers_read(redis: Redis,
     stream = keys.group_stream(2, "all")
     # the new plan's stream has the worker group ready before any replica starts ...
     await eventually(lambda: _has_group(redis, stream))
-    # ... but the ingress keeps routing by epoch 1 while no replica reads it (make-before-break)
+    # ... but the ingress keeps routing by epoch 1 while no live replica reads it (make-before-break);
+    # a consumer that once read the stream is not enough: only the registry says who is alive
+    await redis.xgroup_createconsumer(stream, keys.WORKER_GROUP, "replica-dead")
     await asyncio.sleep(0.3)
     assert ingress.view is not None and ingress.view.epoch == 1
     await send(redis, request("old", cut=3))
     (old,) = await group_entries(redis, keys.group_stream(1, "g0"), 1)
     assert old.req_id == "old"
-    # a replica of the new group announces itself once its blocks are loaded: the ingress switches
-    await redis.xgroup_createconsumer(stream, keys.WORKER_GROUP, "replica-x")
-    await eventually(lambda: _epoch(ingress, 2))
-    assert REGISTRY.get_sample_value("graft_plan_epoch", {"service": "ingress"}) == 2
-    await send(redis, request("new", cut=3))
-    (new,) = await group_entries(redis, stream, 1)
-    assert new.req_id == "new"
+    # a replica of the new group registers as reading its stream: the ingress switches
+    async with serving_replica(redis, stream, name="replica-x"):
+        await eventually(lambda: _epoch(ingress, 2))
+        assert REGISTRY.get_sample_value("graft_plan_epoch", {"service": "ingress"}) == 2
+        assert ingress.status["epoch"] == 2  # what its registry heartbeat reports to agents and planner
+        await send(redis, request("new", cut=3))
+        (new,) = await group_entries(redis, stream, 1)
+        assert new.req_id == "new"
 
 
 async def test_switches_anyway_when_no_worker_comes(redis: Redis, ingress: IngressService) -> None:
@@ -310,33 +332,88 @@ async def _epoch(service: IngressService, epoch: int) -> bool:
 
 
 async def test_waits_for_the_first_plan_before_consuming(redis: Redis, settings: Settings) -> None:
-    service = IngressService(redis, settings, name="ingress-w", plan_interval_s=0.05)
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    await send(redis, request("early"))
-    await asyncio.sleep(0.3)
-    assert not service.ready.is_set() and await redis.xlen(keys.group_stream(1, "g0")) == 0
+    async with serving_replica(redis, keys.group_stream(1, "g0")):
+        service, stop, task = start(redis, settings, "ingress-w")
+        await send(redis, request("early"))
+        await asyncio.sleep(0.3)
+        assert not service.ready.is_set() and await redis.xlen(keys.group_stream(1, "g0")) == 0
+        await publish_plan(redis, PLAN)
+        (early,) = await group_entries(redis, keys.group_stream(1, "g0"), 1)
+        assert early.req_id == "early"
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+def test_route_falls_back_to_the_nearest_group_below_an_unlisted_cut() -> None:
+    view = PlanView(plan(3, [group("a", [2, 3]), group("b", [4, 5]), group("b-loose", [4, 5], min_budget_ms=5.0)]))
+    assert view.resolve("resnet18", 3, 50.0).id == "a"
+    assert view.resolve("resnet18", 9, 50.0).id == "b-loose"
+    assert view.resolve("resnet18", 9, 1.0).id == "b"
+    # below every group: the model's lowest group (replicas hold the whole model)
+    assert view.resolve("resnet18", 0, 50.0).id == "a"
+    with pytest.raises(BadCut):
+        view.resolve("vgg16", 2, 50.0)
+
+
+async def test_deadline_counts_from_when_redis_accepted_the_entry(redis: Redis, ingress: IngressService) -> None:
+    """The old ingress stamped the deadline when it read the entry: a request queued for 5 s while the
+    ingress was down was routed with its whole budget ahead of it, and answered seconds late."""
+    t = await redis.time()
+    now_ms = int(t[0]) * 1000 + int(t[1]) // 1000
+    await redis.xadd(keys.INGRESS, {keys.FIELD: request("queued", budget_ms=2_000.0)}, id=f"{now_ms - 5_000}-0")
+    await redis.xadd(keys.INGRESS, {keys.FIELD: request("recent", budget_ms=9_000.0)}, id=f"{now_ms - 5_000}-1")
+    got = await replies(redis, "cli", 1)
+    late = got["queued"].error
+    assert late is not None and late.code == "DEADLINE_EXCEEDED" and late.details["late_ms"] >= 2_900
+    (recent,) = await group_entries(redis, keys.group_stream(1, "g0"), 1)
+    assert recent.req_id == "recent" and recent.received == pytest.approx(now_ms / 1000 - 5.0, abs=0.01)
+    assert recent.deadline == pytest.approx(recent.received + 9.0)  # type: ignore[operator]
+
+
+async def test_no_live_replica_routes_to_a_live_group_of_the_model_or_answers(redis: Redis, settings: Settings) -> None:
     await publish_plan(redis, PLAN)
-    (early,) = await group_entries(redis, keys.group_stream(1, "g0"), 1)
-    assert early.req_id == "early"
+    async with serving_replica(redis, keys.group_stream(1, "g1")):
+        service, stop, task = start(redis, settings, "ingress-f")
+        await asyncio.wait_for(service.ready.wait(), 10)
+        await seen_serving(service, keys.group_stream(1, "g1"))
+        await send(redis, request("to-g0", cut=2))  # g0 has no live replica: g1 serves any cut of the model
+        (moved,) = await group_entries(redis, keys.group_stream(1, "g1"), 1)
+        assert moved.req_id == "to-g0" and await redis.xlen(keys.group_stream(1, "g0")) == 0
+    await eventually(lambda: _none_live(service))
+    await send(redis, request("nobody", cut=2))
+    got = (await replies(redis, "cli", 1))["nobody"]
+    assert got.error is not None and got.error.code == "OVERLOADED" and got.error.details["retry_after_ms"] > 0
     stop.set()
     await asyncio.wait_for(task, 10)
 
 
-async def test_heartbeat_backs_the_check(redis: Redis, ingress: IngressService, settings: Settings) -> None:
-    await eventually(lambda: redis.exists(keys.health("ingress", "ingress-t")))
-    assert await check(settings, "ingress-t") and await check(settings, None)
-    assert not await check(settings, "someone-else")
+async def _none_live(service: IngressService) -> bool:
+    return not service.serving.readers
 
 
-def test_route_falls_back_to_the_nearest_group_below_an_unlisted_cut() -> None:
-    view = PlanView(plan(3, [group("a", [0, 1]), group("b", [4, 5]), group("b-loose", [4, 5], min_budget_ms=5.0)]))
-    assert route(view, "resnet18", 1, 50.0).id == "a"
-    assert route(view, "resnet18", 3, 50.0).id == "a"
-    assert route(view, "resnet18", 9, 50.0).id == "b-loose"
-    assert route(view, "resnet18", 9, 1.0).id == "b"
-    with pytest.raises(BadCut):
-        route(PlanView(plan(3, [group("b", [4])])), "resnet18", 2, 50.0)
+async def test_a_budget_below_the_fastest_run_is_answered_at_once(redis: Redis, ingress: IngressService) -> None:
+    """g1 takes 100 ms for one request: a 50 ms budget can never be met, so OVERLOADED with a retry hint
+    (what the old ingress answered) would be a lie; DEADLINE_EXCEEDED, and nothing is routed."""
+    await send(redis, request("hopeless", cut=N - 1, budget_ms=50.0))
+    err = (await replies(redis, "cli", 1))["hopeless"].error
+    assert err is not None and err.code == "DEADLINE_EXCEEDED" and err.details["fastest_ms"] == pytest.approx(100.0)
+    assert await redis.xlen(keys.group_stream(1, "g1")) == 0
+
+
+async def test_a_retry_with_the_same_req_id_gets_its_own_reply(redis: Redis, ingress: IngressService) -> None:
+    """The old reply marker was global per req_id for an hour: a retry after OVERLOADED was swallowed."""
+    await send(redis, request("again", cut=N + 3))
+    first = await replies(redis, "cli", 1)
+    await send(redis, request("again", cut=N + 4))
+    rows = await eventually(lambda: _rows(redis, "cli", 2))
+    reps = [wire.decode_reply(f[keys.FIELD]) for _, f in rows]
+    assert [r.req_id for r in reps] == ["again", "again"] and first["again"].source == reps[0].source
+    assert reps[0].source != reps[1].source  # each submission answers its own graft:ingress entry
+
+
+async def _rows(r: Redis, client: str, n: int) -> list[Any]:
+    rows = await r.xrange(keys.reply_stream(client))
+    return rows if len(rows) >= n else []
 
 
 async def test_routing_bench_routes_everything(redis: Redis, redis_url: str) -> None:
@@ -353,9 +430,7 @@ async def test_poison_entry_is_dead_lettered_and_still_answered(redis: Redis, se
     await redis.xreadgroup(keys.INGRESS_GROUP, "ingress-p", {keys.INGRESS: ">"})
     for _ in range(settings.max_deliveries):  # each re-read of its own pending counts a delivery
         await redis.xreadgroup(keys.INGRESS_GROUP, "ingress-p", {keys.INGRESS: "0"})
-    service = IngressService(redis, settings, name="ingress-p", plan_interval_s=0.05)
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
+    service, stop, task = start(redis, settings, "ingress-p")
     got = await replies(redis, "cli", 1)
     assert got["poison"].error is not None and got["poison"].error.code == "INTERNAL"
     assert [d.entry_id for d in await list_dead_letters(redis, keys.INGRESS)] != []

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
 
 from common.metrics import HealthServer, http_get
 from common.settings import Settings
 from services import lifecycle
 from services.ingress import __main__ as ingress_main
+from services.worker import __main__ as worker_main
 from services.worker import agent as agent_mod
 from services.worker import replica as replica_mod
 from services.worker.device import Device
@@ -57,6 +57,11 @@ class _FakeRedis:
     async def aclose(self) -> None:
         pass
 
+    def register_script(self, _source: str) -> Any:
+        async def script(*args: Any, **kw: Any) -> None:
+            raise AssertionError("the service must not touch Redis before its health server")
+        return script
+
 
 HOST = "0.0.0.0"
 
@@ -81,17 +86,18 @@ def test_run_service_binds_metrics_host(monkeypatch: pytest.MonkeyPatch) -> None
     assert rec.calls == [{"host": HOST, "port": 9101}]
 
 
-async def test_ingress_binds_metrics_host(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("main", "service", "port"), [
+    (ingress_main.main, "ingress", 9100), (worker_main.main, "worker", 9102)])
+def test_ingress_and_worker_agent_run_on_the_shared_lifecycle(monkeypatch: pytest.MonkeyPatch, main: Any,
+                                                               service: str, port: int) -> None:
     rec = _Recorder()
-    monkeypatch.setattr(ingress_main, "HealthServer", rec)
-    client = Redis.from_url(_settings().redis_url or "")  # never connects: the service stops first
-    monkeypatch.setattr(ingress_main, "connect", lambda *a, **kw: client)
-    try:
-        with pytest.raises(_Started):
-            await ingress_main.serve(_settings(), "ingress-test", None)
-    finally:
-        await client.aclose()
-    assert rec.calls == [{"host": HOST, "port": 9100}]
+    monkeypatch.setattr(lifecycle, "HealthServer", rec)
+    monkeypatch.setattr(lifecycle, "connect", lambda *a, **kw: _FakeRedis())
+    for key, value in _settings().to_env().items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(_Started):
+        main([])
+    assert rec.calls == [{"host": HOST, "port": port}]
 
 
 async def test_worker_agent_and_replica_bind_metrics_host(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -101,5 +107,6 @@ async def test_worker_agent_and_replica_bind_metrics_host(monkeypatch: pytest.Mo
     with pytest.raises(_Started):
         await agent_mod.Agent(_settings(), [Device("cpu", 0)], name="t", redis=_FakeRedis()).run()
     with pytest.raises(_Started):
-        await replica_mod.Replica(_settings(), epoch=1, group="g0", redis=_FakeRedis(), metrics_port=9110).run()
+        await replica_mod.Replica(_settings(), name="t/0", device="cpu0", model="resnet18", share=1,
+                                  redis=_FakeRedis(), metrics_port=9110).run()
     assert rec.calls == [{"host": HOST, "port": 9102}, {"host": HOST, "port": 9110}]

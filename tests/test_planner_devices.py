@@ -291,8 +291,7 @@ def test_parse_worker_status(status: dict[str, Any], want: tuple[list[str], str 
 
 def test_next_plan_places_on_live_devices_verifies_and_keeps_same_serving() -> None:
     prof = tiny_profile()
-    wl = build_workload({("m", 0): (900.0, 40.0), ("m", 2): (900.0, 40.0)}, {"m": 4}, floor_rps=0.1,
-                        default_budget_ms=40)
+    wl = build_workload({("m", 0, 40.0): 900.0, ("m", 2, 40.0): 900.0}, {"m": 4})
     from common.planning.types import workload_from_dict
     frags = workload_from_dict(wl)
     base = next_plan(prof, wl, epoch=1, rho=0.9, steering=Steering(), profile_name="t")

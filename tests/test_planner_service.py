@@ -11,6 +11,7 @@ from common.contract import keys, wire
 from common.profiles import make_profile
 from common.settings import Settings
 from common.store.plan_store import load_plan
+from common.store.registry import Registry
 from services.planner.observed import TrafficWindow, build_workload, drift, parse_stats
 from services.planner.replanning import Steering, next_plan
 from services.planner.service import Planner
@@ -26,7 +27,8 @@ def tiny_profile():
 
 def stats_msg(ts: float, frags: list[tuple[str, int, int, float]]) -> dict:
     return {"ts": ts, "window_s": 1.0, "fragments": [
-        {"model": m, "cut": c, "count": n, "min_budget_ms": b, "p50_budget_ms": b} for m, c, n, b in frags]}
+        {"model": m, "cut": c, "count": n, "min_budget_ms": b, "p50_budget_ms": b, "budgets": [[b, n]]}
+        for m, c, n, b in frags]}
 
 
 def test_window_rates_budgets_and_expiry() -> None:
@@ -35,9 +37,18 @@ def test_window_rates_budgets_and_expiry() -> None:
     for i in range(5):
         w.add(parse_stats(stats_msg(now - 4 + i, [("m", 1, 10, 50.0 + i), ("m", 2, 2, 80.0)])))
     frags = w.fragments(now)
-    assert frags[("m", 1)] == pytest.approx((50 / 5, 50.0))
-    assert frags[("m", 2)] == pytest.approx((10 / 5, 80.0))
+    # budgets 50..54 fall in one budget class, reported by its tightest budget
+    assert frags == pytest.approx({("m", 1, 50.0): 50 / 5, ("m", 2, 80.0): 10 / 5})
     assert w.fragments(now + 30) == {}
+
+
+def test_window_keeps_budget_classes_apart() -> None:
+    """A 2 ms client at cut 0 among 500 ms ones is its own class: the old window merged a cut into one
+    fragment with the tightest budget, which made the whole cut infeasible (BAD_CUT for everyone)."""
+    w = TrafficWindow(window_s=10)
+    w.add(parse_stats({"ts": 100.0, "window_s": 1.0, "fragments": [
+        {"model": "m", "cut": 0, "count": 51, "min_budget_ms": 2.0, "budgets": [[2.0, 1], [500.0, 50]]}]}))
+    assert w.fragments(100.0) == pytest.approx({("m", 0, 2.0): 1 / 1, ("m", 0, 500.0): 50 / 1})
 
 
 def test_parse_stats_skips_garbage() -> None:
@@ -47,23 +58,35 @@ def test_parse_stats_skips_garbage() -> None:
     assert [(o.cut, o.count) for o in obs] == [(1, 3)]
 
 
-def test_workload_covers_every_cut_and_drift() -> None:
-    wl = build_workload({("m", 1): (10.0, 50.0)}, {"m": 4}, floor_rps=0.1, default_budget_ms=200)
-    by_cut = {f["cut"]: f for f in wl["fragments"]}
-    assert sorted(by_cut) == [0, 1, 2, 3]
-    assert by_cut[1]["rate_rps"] == 10.0 and by_cut[0]["rate_rps"] == 0.1 and by_cut[0]["budget_ms"] == 50.0
-    same = build_workload({("m", 1): (10.5, 50.0)}, {"m": 4}, floor_rps=0.1, default_budget_ms=200)
-    assert drift(wl["fragments"], same["fragments"], floor_rps=0.1) == pytest.approx(0.05)
-    doubled = build_workload({("m", 1): (20.0, 50.0)}, {"m": 4}, floor_rps=0.1, default_budget_ms=200)
-    assert drift(wl["fragments"], doubled["fragments"], floor_rps=0.1) == pytest.approx(1.0)
-    tighter = build_workload({("m", 1): (10.0, 25.0)}, {"m": 4}, floor_rps=0.1, default_budget_ms=200)
-    assert drift(wl["fragments"], tighter["fragments"], floor_rps=0.1) >= 1.0
+def test_workload_lists_only_traffic_and_bootstraps_quiet_models() -> None:
+    wl = build_workload({("m", 1, 50.0): 10.0, ("m", 1, 400.0): 5.0}, {"m": 4, "n": 3}, bootstrap_rps=1.0,
+                        default_budget_ms=200)
+    by = {(f["model"], f["cut"], f["budget_ms"]): f["rate_rps"] for f in wl["fragments"]}
+    # m: only its cut with traffic, one fragment per budget class; n (no traffic): every cut, nominal
+    assert by == {("m", 1, 50.0): 10.0, ("m", 1, 400.0): 5.0, ("n", 0, 200.0): 1.0, ("n", 1, 200.0): 1.0,
+                  ("n", 2, 200.0): 1.0}
+    assert build_workload({("m", 1, 50.0): 10.0}, {"m": 4})["fragments"] == [
+        {"id": "m:1:50", "model": "m", "cut": 1, "rate_rps": 10.0, "budget_ms": 50.0}]
+
+
+def test_drift_ignores_noise_and_sees_real_change() -> None:
+    base = build_workload({("m", 1, 50.0): 10.0, ("m", 3, 50.0): 10.0}, {"m": 4})["fragments"]
+    same = build_workload({("m", 1, 50.0): 10.5, ("m", 3, 50.0): 9.6}, {"m": 4})["fragments"]
+    assert drift(base, same, floor_rps=0.05) == 0.0  # within 5% of the model's traffic: noise
+    doubled = build_workload({("m", 1, 50.0): 20.0, ("m", 3, 50.0): 10.0}, {"m": 4})["fragments"]
+    assert drift(base, doubled, floor_rps=0.05) == pytest.approx(1.0)
+    new_cut = build_workload({("m", 1, 50.0): 10.0, ("m", 3, 50.0): 10.0, ("m", 2, 50.0): 5.0}, {"m": 4})
+    assert drift(base, new_cut["fragments"], floor_rps=0.05) >= 1.0
+    tighter = build_workload({("m", 1, 50.0): 5.0, ("m", 1, 20.0): 5.0, ("m", 3, 50.0): 10.0}, {"m": 4})
+    assert drift(base, tighter["fragments"], floor_rps=0.05) >= 1.0
+    # a stray tight request is noise, not a reason to re-plan
+    stray = build_workload({("m", 1, 50.0): 10.0, ("m", 1, 2.0): 0.05, ("m", 3, 50.0): 10.0}, {"m": 4})
+    assert drift(base, stray["fragments"], floor_rps=0.05) == 0.0
 
 
 def test_steering_pins_and_drains() -> None:
     prof = tiny_profile()
-    wl = build_workload({("m", 0): (300.0, 40.0), ("m", 2): (300.0, 40.0)}, {"m": 4}, floor_rps=0.1,
-                        default_budget_ms=40)
+    wl = build_workload({("m", 0, 40.0): 300.0, ("m", 2, 40.0): 300.0}, {"m": 4})
     steer = Steering()
     plan = next_plan(prof, wl, epoch=1, rho=0.9, steering=steer, profile_name="t")
     g = plan["groups"][0]
@@ -127,20 +150,27 @@ async def test_drift_that_changes_nothing_keeps_the_epoch(redis, tmp_path) -> No
     planner = Planner(settings, redis, prof, "p")
     await planner.bootstrap()
     assert planner.current is not None and planner.current["epoch"] == 1
-    # a little traffic, well inside what the bootstrap plan already serves: rates drift, plan shape does not
+    # the first traffic: only cut 1 is used, so the plan keeps only cut 1 (epoch 2)
     planner.window.add(parse_stats(stats_msg(time.time(), [("m", 1, 2, 200.0)])))
+    assert await planner.maybe_replan() is True
+    assert [g["cuts"] for g in planner.current["groups"]] == [[1]]
+    # more traffic of the same kind: rates drift, the plan's shape does not — same epoch, new baseline
+    planner.window.add(parse_stats(stats_msg(time.time(), [("m", 1, 4, 200.0)])))
     assert await planner.maybe_replan() is False
     view = await load_plan(redis)
-    assert view is not None and view.epoch == 1
-    assert any(f["cut"] == 1 and f["rate_rps"] > 1.0 for f in planner.current["workload"])  # baseline moved
+    assert view is not None and view.epoch == 2
+    assert any(f["cut"] == 1 and f["rate_rps"] > 2.0 for f in planner.current["workload"])  # baseline moved
 
 
 # ------------------------------------------------------------------------ devices of live worker agents
 
 async def beat(redis, name: str, devices: list[str], **extra) -> None:
-    """A worker agent's heartbeat, as services/worker/agent.py writes it."""
-    status = {"service": "worker", "name": name, "ts": time.time(), "devices": devices, "epoch": None, **extra}
-    await redis.set(keys.health("worker", name), wire.encode_message("health", status), ex=60)
+    """A worker agent's registry entry, as services/worker/agent.py publishes it."""
+    await Registry(redis, keys.WORKER_KIND, 60.0).beat(name, {"devices": devices, "epoch": None, **extra})
+
+
+async def gone(redis, name: str) -> None:
+    await Registry(redis, keys.WORKER_KIND, 60.0).leave(name)
 
 
 async def wait_plan(redis, pred, what: str, timeout: float = 15.0):
@@ -171,8 +201,9 @@ async def test_planner_places_on_live_worker_devices_and_follows_them(redis, tmp
     # replan_s is long: every re-plan below happens at once, through a command or a device change.
     settings = Settings(models=("m",), replan_s=60.0, drift=0.5, block_ms=20)
     await beat(redis, "w0", ["gpu0"])
-    await redis.set(keys.health("worker", "junk"), b"garbage")  # ignored, not fatal
-    await redis.set(keys.health("planner", "other"), wire.encode_message("health", {"devices": ["gpu9"]}))
+    await redis.hset(keys.registry(keys.WORKER_KIND), "junk", b"garbage")  # ignored, not fatal
+    await redis.zadd(keys.registry_seen(keys.WORKER_KIND), {"junk": 10**13})
+    await Registry(redis, keys.PLANNER_KIND, 60.0).beat("other", {"devices": ["gpu9"]})  # not a worker
     planner = Planner(settings, redis, prof, "p")
     planner.device_poll_s, planner.devices = 0.05, LiveDevices(grace_s=0.5)
     stop = asyncio.Event()
@@ -203,14 +234,14 @@ async def test_planner_places_on_live_worker_devices_and_follows_them(redis, tmp
 
         # gpu0's agent dies: after the grace its replicas move to the spare gpu7.
         gone_at = time.monotonic()
-        await redis.delete(keys.health("worker", "w0"))
+        await gone(redis, "w0")
         plan = await wait_plan(redis, lambda p: p["epoch"] == 4, "replicas to leave the dead gpu0")
         assert time.monotonic() - gone_at >= 0.5  # not before the grace
         assert sorted(devices_of(plan)) == ["gpu2", "gpu5", "gpu7"] and plan["unplaced"] == []
         assert verify_plan(prof, workload_from_dict({"fragments": plan["workload"]}), plan) == []
 
         # The second agent dies too: nowhere to move, so the epoch stays and the shortfall is reported.
-        await redis.delete(keys.health("worker", "w2"))
+        await gone(redis, "w2")
         plan = await wait_plan(redis, lambda p: p["unplaced"], "the shortfall report")
         assert plan["epoch"] == 4 and sorted(devices_of(plan)) == ["gpu2", "gpu5", "gpu7"]
         assert sorted(u["device"] for u in plan["unplaced"]) == ["gpu5", "gpu7"] and unplaced_gauge() == 4
@@ -261,7 +292,7 @@ async def test_annotate_plan_only_touches_the_current_epoch(redis) -> None:
 
     assert await annotate_plan(redis, 1, {"unplaced": []}) is False  # no plan yet
     prof = tiny_profile()
-    wl = build_workload({}, {"m": 4}, floor_rps=1.0, default_budget_ms=200)
+    wl = build_workload({}, {"m": 4}, bootstrap_rps=1.0, default_budget_ms=200)
     plan = next_plan(prof, wl, epoch=1, rho=0.9, steering=Steering(), profile_name="t", live=set())
     assert plan["unplaced"] == [{"device": "gpu0", "replicas": 1}]
     await publish_plan(redis, plan)
@@ -299,7 +330,7 @@ async def test_planner_places_on_the_gpus_of_two_hosts(redis) -> None:
     # Nothing changes while both beat; when host b goes, its replicas are reported under b/gpu0 ...
     await planner.poll_devices(force=True)
     assert await planner.follow_devices() is False
-    await redis.delete(keys.health("worker", "host-b-gpu0"))
+    await gone(redis, "host-b-gpu0")
     await planner.poll_devices(force=True)
     assert await planner.follow_devices() is False  # nowhere to move: same epoch, a shortfall report
     assert planner.current["unplaced"] == [{"device": "b/gpu0", "replicas": 2}] and unplaced_gauge() == 2

@@ -13,10 +13,11 @@ import pytest
 from redis.asyncio import Redis
 from typer.testing import CliRunner
 
-from common.contract import keys, wire
+from common.contract import keys
 from common.profiles import Profile
 from common.settings import Settings
 from common.store.plan_store import load_plan, publish_plan
+from common.store.registry import Registry
 from common.store.streams import wait_for_redis
 from tests.helpers import alive
 from tools import admin
@@ -87,7 +88,7 @@ def plan(epoch: int, replicas: int) -> dict[str, Any]:
 
 
 async def beat(r: Any, service: str, name: str, **body: Any) -> None:
-    await r.set(keys.health(service, name), wire.encode_message("health", {"ts": time.time(), **body}), ex=30)
+    await Registry(r, service, 30.0).beat(name, body)
 
 
 def system(redis_url: str, tmp_path: Path, supervisor: Supervisor | None = None) -> System:
@@ -107,19 +108,23 @@ async def test_wait_ready_waits_for_the_plan_ingress_and_every_replica_of_its_ep
             assert time.monotonic() < deadline, f"last progress {waits[-1:]}, want {progress!r}"
             await asyncio.sleep(0.02)
 
-    await reports("plan=none ingress=0 replicas=0/0")
+    await reports("plan=none ingress=0 groups without a replica=1")
     await publish_plan(redis, plan(1, replicas=2))
+    await reports("plan=epoch 1 ingress=0 groups without a replica=1")
     await beat(redis, "ingress", "ing", epoch=1)
-    await beat(redis, "replica", "cpu0-g0-0", epoch=1)
-    await reports("plan=epoch 1 ingress=1 replicas=1/2")
-    await publish_plan(redis, plan(2, replicas=2))  # epoch 1's replicas drain: they are not epoch 2's
-    await beat(redis, "replica", "cpu0-g0-1", epoch=1)
-    await beat(redis, "replica", "cpu0-g0-2", epoch=2)
-    await redis.set(keys.health("replica", "garbled"), b"\x00junk", ex=30)
-    await reports("plan=epoch 2 ingress=1 replicas=1/2")
-    await asyncio.sleep(0.6)  # a whole poll more: still not ready with one replica of epoch 2
-    assert not task.done() and waits[-1] == "plan=epoch 2 ingress=1 replicas=1/2"
-    await beat(redis, "replica", "cpu0-g0-3", epoch=2)
+    await reports("plan=epoch 1 ingress=1 groups without a replica=1")
+    await publish_plan(redis, plan(2, replicas=2))
+    # a replica reading epoch 1's stream does not serve epoch 2; an unreadable entry is ignored
+    await beat(redis, "replica", "p0", state="serving", streams=[keys.group_stream(1, "g0")])
+    await redis.hset(keys.registry("replica"), "garbled", b"\x00junk")
+    await redis.zadd(keys.registry_seen("replica"), {"garbled": 10**13})
+    await reports("plan=epoch 2 ingress=0 groups without a replica=1")  # the ingress still routes epoch 1
+    await beat(redis, "ingress", "ing", epoch=2)
+    await reports("plan=epoch 2 ingress=1 groups without a replica=1")
+    await beat(redis, "replica", "p1", state="standby", streams=[])  # loaded, but serving nothing
+    await asyncio.sleep(0.5)  # a few polls more: still not ready
+    assert not task.done() and waits[-1] == "plan=epoch 2 ingress=1 groups without a replica=1"
+    await beat(redis, "replica", "p1", state="serving", streams=[keys.group_stream(2, "g0")])
     ready = await asyncio.wait_for(task, 5)
     assert ready == plan(2, replicas=2)
 
@@ -191,11 +196,12 @@ async def test_start_system_serves_replans_and_stops(cache: Path, tmp_path: Path
                 assert time.monotonic() < deadline, "the planner never acted on the replan"
                 await asyncio.sleep(0.1)
             assert view.epoch == 2
-            second = await wait_ready(system, timeout=60)  # now: epoch 2's own replica beats
+            second = await wait_ready(system, timeout=60)  # now: epoch 2's stream has a live reader
             assert second["epoch"] == 2
             for row in await admin.services_status(r):
                 if row["service"] == "replica":
                     replica_pids.append(int(row["pid"]))
+            assert len(replica_pids) >= 2  # the serving replica and its warm standby
         finally:
             await r.aclose()
     finally:
@@ -236,27 +242,26 @@ async def test_agent_serves_every_cpu_device_of_the_plan_only_in_whole_cpu_mode(
     fake.chmod(0o755)
     await publish_plan(redis, cpu_plan(1))
     agent = Agent(SETTINGS.with_(redis_url=redis_url), [Device("cpu", 0)], name="whole", python=str(fake),
-                  poll_s=0.05, stop_grace_s=5.0, all_cpu_devices=all_cpu)
+                  poll_s=0.05, stop_grace_s=5.0, all_cpu_devices=all_cpu, standby=0)
     task = asyncio.create_task(agent.run())
-    want = {"cpu0-g0-0", "cpu1-g0-1"} if all_cpu else {"cpu0-g0-0"}
+    want = {"cpu0-resnet18-0", "cpu1-resnet18-0"} if all_cpu else {"cpu0-resnet18-0"}
     try:
         deadline = time.monotonic() + 15
-        while {p.slot.consumer for p in agent.replicas if p.alive} != want or not (tmp_path / "argv").exists() \
+        while {s.consumer for s in agent.slots} != want or not (tmp_path / "argv").exists() \
                 or len((tmp_path / "argv").read_text().splitlines()) < len(want):
-            assert time.monotonic() < deadline, f"replicas {[p.slot.consumer for p in agent.replicas]}, want {want}"
+            assert time.monotonic() < deadline, f"slots {[s.consumer for s in agent.slots]}, want {want}"
             await asyncio.sleep(0.05)
         assert sorted(agent.devices) == (["cpu0", "cpu1"] if all_cpu else ["cpu0"])  # never gpu0
         lines = sorted((tmp_path / "argv").read_text().splitlines())
         assert [line.split("--device ")[1].split()[0] for line in lines] == sorted(d[:4] for d in want)
-        assert all(line.startswith("-m services.worker.replica --epoch 1 --group g0") for line in lines)
-        # Its heartbeat (every second) reports the devices it adopted.
-        def beat_devices(raw: Any) -> Any:
-            return None if raw is None else wire.decode_message(raw, "health")["devices"]
-
-        while beat_devices(await redis.get(keys.health("worker", "whole"))) != sorted(agent.devices):
+        assert all(line.startswith("-m services.worker.replica --name whole/") and "--model resnet18" in line
+                   for line in lines)
+        # Its registry entry (every second) reports the devices it adopted.
+        workers = Registry(redis, keys.WORKER_KIND, 5.0)
+        while (await workers.live()).get("whole", {}).get("devices") != sorted(agent.devices):
             assert time.monotonic() < deadline + 5, "no agent heartbeat with its devices"
             await asyncio.sleep(0.05)
-        procs = [p.proc for p in agent.replicas]
+        procs = [p.proc for p in agent.procs.values()]
     finally:
         agent.stop()
         assert await asyncio.wait_for(task, 20) == 0
@@ -279,13 +284,14 @@ def test_worker_main_turns_on_whole_cpu_mode_for_auto_or_cpu_on_a_host_without_g
         def stop(self) -> None:
             pass
 
-        async def run(self) -> int:
+        async def run(self, stop: Any = None) -> int:
             return 0
 
     monkeypatch.setenv("REDIS_URL", redis_url)
     monkeypatch.setenv("GRAFT_LOG_LEVEL", "warning")
     monkeypatch.setattr(device, "nvml_gpu_count", lambda: (gpus, "test"))
     monkeypatch.setattr(worker_main, "Agent", RecordingAgent)
+    monkeypatch.setattr(worker_main, "discover", lambda spec, node="": device.discover(spec, node=node))
     assert worker_main.main(["--devices", devices, "--name", "w"]) == 0
     [kw] = made
     assert kw["all_cpu_devices"] is whole_cpu

@@ -386,6 +386,17 @@ class StreamConsumer:
                 out.append(entry)
         return out
 
+    async def read_own_pending(self, count: int | None = None) -> list[Entry]:
+        """One page of this consumer's own pending entries ([] once they are all re-read; then ``read``
+        returns new entries only)."""
+        if not self._ready:
+            await self.setup()
+        while self._pending_from is not None:
+            entries = await self._read_pending(count or self.count)
+            if entries:
+                return entries
+        return []
+
     async def _read_pending(self, n: int) -> list[Entry]:
         assert self._pending_from is not None
         resp = await self.r.xreadgroup(self.group, self.consumer, {self.stream: self._pending_from}, count=n)

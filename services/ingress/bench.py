@@ -2,9 +2,10 @@
 
 The bench needs a Redis of its own: it publishes a plan and writes the ingress stream, so it refuses a
 Redis that already holds a plan or an ingress stream. It XADDs ``n`` pre-encoded requests (resnet18's
-last cut, 2 KiB each), starts the ingress loop in-process, and times from its first read until every
-request sits in a group stream. The plan's capacity is huge, so nothing is shed: this measures the
-validate → stamp → route → XACK path alone.
+last cut, 2 KiB each), registers a stand-in replica reading both group streams (the ingress routes only
+to streams a live replica reads), starts the ingress loop in-process, and times from its first read
+until every request sits in a group stream. The plan's capacity is huge and the budgets long, so
+nothing is shed: this measures the validate → stamp → route → XACK path alone.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from common.contract import keys, wire
 from common.model.zoo import describe
 from common.settings import Settings
 from common.store.plan_store import publish_plan
+from common.store.registry import Registry
 from common.store.streams import connect, ensure_group
 from services.ingress.service import IngressService
 
@@ -44,7 +46,7 @@ def _requests(n: int, client: str) -> list[bytes]:
     cut = info.n_blocks - 1
     tensor = np.ones(info.cut_shape(cut), np.float32)
     return [wire.encode_request(wire.Request(req_id=f"{client}-{i}", client=client, model=BENCH_MODEL, cut=cut,
-                                             tensor=tensor, budget_ms=1000.0)) for i in range(n)]
+                                             tensor=tensor, budget_ms=30_000.0)) for i in range(n)]
 
 
 async def measure_routing_rate(redis_url: str, n: int = 20_000, *, count: int = 256) -> float:
@@ -58,6 +60,9 @@ async def measure_routing_rate(redis_url: str, n: int = 20_000, *, count: int = 
             raise RuntimeError("the routing bench needs an empty Redis (it found a plan or an ingress stream)")
         plan = bench_plan()
         await publish_plan(r, plan)
+        replicas = Registry(r, keys.REPLICA_KIND, 60.0)
+        await replicas.beat("bench-replica", {"state": "serving",
+                                              "streams": [keys.group_stream(1, g["id"]) for g in plan["groups"]]})
         await ensure_group(r, keys.INGRESS, keys.INGRESS_GROUP, "0")
         payloads = _requests(n, f"bench-{uuid.uuid4().hex[:8]}")
         for i in range(0, n, 1000):
@@ -82,7 +87,8 @@ async def measure_routing_rate(redis_url: str, n: int = 20_000, *, count: int = 
         return n / elapsed
     finally:
         stop.set()
-        streams = [keys.INGRESS, keys.STATS, keys.PLAN, keys.PLANS, *[keys.group_stream(1, g) for g in ("g0", "g1")]]
+        streams = [keys.INGRESS, keys.STATS, keys.PLAN, keys.PLANS, *[keys.group_stream(1, g) for g in ("g0", "g1")],
+                   keys.registry(keys.REPLICA_KIND), keys.registry_seen(keys.REPLICA_KIND)]
         await r.delete(*streams)
         await r.aclose()
 

@@ -202,6 +202,8 @@ class IngressService:
                 outcome.request = self.validator.check(entry.payload)
             except Exception as exc:
                 self._refuse(outcome, exc)
+                if outcome.ids is not None and outcome.error is not None:  # malformed ones count when dead-lettered
+                    self.stats.record_rejected(str(outcome.error.code))
             _VALIDATE_MS.observe((time.perf_counter() - t0) * 1000.0)
             batch.add(outcome)
         await self._check_blobs(batch)
@@ -246,6 +248,7 @@ class IngressService:
             err = blob_error(o.request, strlen)
             if err is not None:
                 self._refuse(o, err)
+                self.stats.record_rejected(str(err.code))
 
     def _route(self, view: PlanView, o: Outcome, now: float) -> None:
         """Stamp the deadline and pick the stream, or refuse (``DEADLINE_EXCEEDED``, ``OVERLOADED``)."""
@@ -396,6 +399,8 @@ class IngressService:
             side.append(serving)
             if not await self._first_plan(stop):
                 return
+            with contextlib.suppress(*TRANSIENT):
+                await self.poll_serving()  # know who is alive before the first batch is routed
             consumer = StreamConsumer(
                 self.r, keys.INGRESS, keys.INGRESS_GROUP, self.name, count=self.count, block_ms=self.block_ms,
                 max_deliveries=self.settings.max_deliveries, on_dead_lettered=self._on_dead_lettered,

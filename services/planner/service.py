@@ -206,8 +206,8 @@ class Planner:
         self.report_scale()
         self.log.info(logs.Event.LATENCY_CALIBRATED, epoch=view.epoch, before=before,
                       after=dict(self.calibration.applied))
-        workload = (self.observed_workload() if self.window.fragments(time.time())
-                    else {"fragments": list(self.current.get("workload") or [])})
+        # The traffic the current plan was made for, at the new speed (drift follows the traffic itself).
+        workload = {"fragments": list(self.current.get("workload") or [])} or self.observed_workload()
         if not workload["fragments"]:
             workload = self.observed_workload()
         plan = await self.publish(workload, "latency calibration", forced=False)

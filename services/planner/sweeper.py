@@ -121,6 +121,7 @@ class _StreamSweep:
         self.s, self.view, self.report = sweeper, view, report
         self.stream = report.stream
         self.current, self.serving, self.until = current, serving or Serving(), until
+        self.requeued: set[tuple[str, str | None]] = set()  # (req_id, source) put back in this pass
 
     async def handle(self, entries: list[Entry]) -> None:
         """Decode, then answer or re-route every entry, in one pipelined round trip (plus dead letters)."""
@@ -138,6 +139,10 @@ class _StreamSweep:
                 continue
             target_or_outcome, answer = self._decide(req, now)
             if answer is None:
+                if target_or_outcome == self.stream:
+                    if (req.req_id, req.source) in self.requeued:
+                        continue  # put back earlier in this pass: stays pending here until the next one
+                    self.requeued.add((req.req_id, req.source))
                 reroutes.append((entry.id, target_or_outcome, entry.payload))
             else:
                 answer.source = req.source or entry.id
@@ -159,9 +164,10 @@ class _StreamSweep:
                 if blobs:
                     pipe.delete(*blobs)
                 results = await pipe.execute()
-            moved = sum(1 for res in results[:len(reroutes)] if int(res) == 1)
-            self.report.add("rerouted", moved)
-            self.report.add("taken", len(reroutes) - moved)  # another sweeper re-routed them first
+            moved = [t for (_, t, _), res in zip(reroutes, results[:len(reroutes)], strict=True) if int(res) == 1]
+            self.report.add("requeued", sum(1 for t in moved if t == self.stream))  # back at the end of its stream
+            self.report.add("rerouted", sum(1 for t in moved if t != self.stream))
+            self.report.add("taken", len(reroutes) - len(moved))  # another sweeper re-routed them first
             for _, _, _, outcome in replies:
                 self.report.add(outcome)
         for entry, err in malformed:
@@ -269,6 +275,12 @@ class OrphanSweeper:
         await self._track(view)
         now = self._clock()
         serving = serving_from((await self.replicas.live()).values())
+        if self._retired:  # forget retired streams that are gone (swept, drained and expired, never made)
+            async with self.r.pipeline(transaction=False) as pipe:
+                for stream in self._retired:
+                    pipe.exists(stream)
+                present = await pipe.execute()
+            self._retired = {s: v for (s, v), n in zip(self._retired.items(), present, strict=True) if n}
         candidates = [(s, e, g, False) for s, (e, g) in self._retired.items()]
         candidates += [(view.stream(g), view.epoch, g, True) for g in view.groups]
         self._orphan_since = {s: self._orphan_since.get(s, now) for s, *_ in candidates if not serving.live(s)}
@@ -332,7 +344,12 @@ class OrphanSweeper:
         reader = StreamConsumer(self.r, stream, keys.WORKER_GROUP, self.consumer, count=self.page, block_ms=1,
                                 max_deliveries=self.settings.max_deliveries, on_dead_lettered=job.on_dead_lettered)
         for _ in range(MAX_PAGES):
-            entries = await reader.read()
+            try:
+                entries = await reader.read()
+            except ResponseError as exc:  # another sweeper deleted the stream under a blocked read
+                if "UNBLOCKED" not in str(exc):
+                    raise
+                break
             if not entries:
                 break
             try:
@@ -355,25 +372,44 @@ class OrphanSweeper:
         until = await self._last_id(stream)
         if until is None:
             return report
-        job = _StreamSweep(self, view, report, current=True, serving=serving, until=until)
         await ensure_group(self.r, stream, keys.WORKER_GROUP, "0")
+        undelivered = await self._lag(stream)  # what the pass may read as new: never its own put-backs
+        job = _StreamSweep(self, view, report, current=True, serving=serving, until=until)
         reaper = Reaper(self.r, stream, keys.WORKER_GROUP, self.consumer, min_idle_ms=grace_ms,
                         max_deliveries=self.settings.max_deliveries, on_claimed=job.handle,
                         on_dead_lettered=job.on_dead_lettered, count=self.page)
         await reaper.reap_once()
         reader = StreamConsumer(self.r, stream, keys.WORKER_GROUP, self.consumer, count=self.page, block_ms=1,
                                 max_deliveries=self.settings.max_deliveries, on_dead_lettered=job.on_dead_lettered)
-        for _ in range(MAX_PAGES):
-            entries = await reader.read()
+        for _ in range(MAX_PAGES):  # what this sweeper itself held from an earlier pass
+            entries = await reader.read_own_pending()
             if not entries:
                 break
             await job.handle(entries)
-            if any(id_key(e.id) > id_key(until) for e in entries):
-                break  # past what the pass started with: what it put back waits for the next pass
+        for _ in range(MAX_PAGES):  # then new entries, at most as many as were undelivered at the start
+            if undelivered is not None and undelivered <= 0:
+                break
+            entries = await reader.read(count=self.page if undelivered is None else min(self.page, undelivered))
+            if not entries:
+                break
+            if undelivered is not None:
+                undelivered -= len(entries)
+            await job.handle(entries)
+            if undelivered is None and any(id_key(e.id) > id_key(until) for e in entries):
+                break  # Redis 6.2 (no lag): past what the pass started with, what it put back stays pending
+                # here until the next pass or a returning replica's reaper
         if report.counts:
             log.info(logs.Event.STREAM_SWEPT, stream=stream, epoch=epoch, group=gid, current_epoch=view.epoch,
                      current=True, **dict(sorted(report.counts.items())))
         return report
+
+    async def _lag(self, stream: str) -> int | None:
+        """Entries of ``stream`` the workers' group has not delivered yet (None where Redis cannot say)."""
+        for g in await self.r.xinfo_groups(stream):
+            if _sid(g.get("name", b"")) == keys.WORKER_GROUP:
+                lag = g.get("lag")
+                return int(lag) if isinstance(lag, int) else None
+        return None
 
     async def _last_id(self, stream: str) -> str | None:
         try:
