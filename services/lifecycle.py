@@ -144,21 +144,29 @@ def run_service(service: str, main: ServiceMain, argv: list[str] | None = None,
 
 
 ENV_DIE_WITH_PARENT = "GRAFT_DIE_WITH_PARENT"
+ENV_PARENT_PID = "GRAFT_PARENT_PID"
 _PR_SET_PDEATHSIG = 1
+
+
+def child_env(base: dict[str, str]) -> dict[str, str]:
+    """The environment a supervisor gives a child it wants to die with it (see ``die_with_parent``)."""
+    return {**base, ENV_DIE_WITH_PARENT: "1", ENV_PARENT_PID: str(os.getpid())}
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """When started by a supervisor (``GRAFT_DIE_WITH_PARENT=1``: ``graft up``, the worker agent), ask
-    the kernel to send ``sig`` when the parent dies — even by SIGKILL — so no child outlives it."""
+    the kernel to send ``sig`` when the parent dies — even by SIGKILL — so no child outlives it. A
+    parent that died before this ran (the child was still importing) is noticed too: the child's
+    parent is no longer the one in ``GRAFT_PARENT_PID``."""
     if os.environ.get(ENV_DIE_WITH_PARENT) != "1" or not sys.platform.startswith("linux"):
         return
     import ctypes
 
-    parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         return
-    if os.getppid() != parent or parent == 1:  # the parent died before the request took effect
+    expected = os.environ.get(ENV_PARENT_PID)
+    if (expected is not None and str(os.getppid()) != expected) or os.getppid() == 1:
         os.kill(os.getpid(), sig)
 
 

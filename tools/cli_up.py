@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,6 +20,7 @@ from common.store.plan_store import load_plan
 from common.store.streams import connect
 from tools.cli_admin import plan_table
 from tools.console import make_console
+from tools.demo import demo_table, saving
 from tools.loadgen import emulate_devices, run_load
 from tools.up import ensure_profile, start_system, wait_for_signal, wait_ready
 
@@ -49,7 +51,7 @@ def summary_table(s: dict[str, Any]) -> Table:
 
 
 async def _up(settings: Settings, demo: bool, duration: float, devices: int, rate: float, slo: list[float],
-              trace: str | None, json_out: Path | None, reprofile: bool = False) -> int:
+              trace: str | None, json_out: Path | None, reprofile: bool = False, warmup: float = 12.0) -> int:
     profile_path, measured = ensure_profile(settings, progress=True, refresh=reprofile)
     console.print(f"profile: {profile_path}{' (measured now, cached)' if measured else ''}")
     log_dir = Path(".graft") / "logs" / time.strftime("%Y%m%d-%H%M%S")
@@ -69,6 +71,9 @@ async def _up(settings: Settings, demo: bool, duration: float, devices: int, rat
         if not devs:
             console.print("[red]no emulated device found a feasible cut; raise --slo-ms[/red]")
             return 1
+        with console.status(f"warming up: {warmup:.0f} s of the same traffic, so the planner re-plans from it…"):
+            await run_load(system.redis_url, devs, duration_s=warmup, resolution=settings.resolution or None,
+                           seed=settings.seed + 1)
         with Progress(TextColumn("demo load"), BarColumn(), TextColumn("{task.completed} replies"),
                       TimeRemainingColumn(), console=console) as prog:
             task = prog.add_task("load", total=None)
@@ -81,15 +86,16 @@ async def _up(settings: Settings, demo: bool, duration: float, devices: int, rat
                                     resolution=settings.resolution or None, seed=settings.seed, on_outcome=tick)
         report.unplaced = unplaced
         s = report.summary()
-        console.print(summary_table(s))
         r = connect(system.redis_url, settings=settings)
         try:
             view = await load_plan(r)
-            if view is not None and view.epoch != plan.get("epoch"):
-                console.print("the planner re-planned from the observed traffic:")
-                console.print(plan_table(view.raw))
         finally:
             await r.aclose()
+        live = view.raw if view is not None else plan
+        saved = saving(profile, live)
+        s["saving"] = saved
+        console.print(plan_table(live))
+        console.print(demo_table(s, saved, duration_s=duration, models=", ".join(settings.models)))
         if json_out is not None:
             await asyncio.to_thread(json_out.write_text, json.dumps(s, indent=1))
         return 0 if s["ok"] > 0 else 1
@@ -106,9 +112,10 @@ def up(
     profile: Annotated[Path | None, typer.Option(help="profile JSON (default: measured on first start)")] = None,
     models: Annotated[str | None, typer.Option(help="comma-separated models to serve")] = None,
     resolution: Annotated[int | None, typer.Option(help="input resolution (0: model default)")] = None,
-    duration: Annotated[float, typer.Option(help="demo load duration (s)")] = 20.0,
-    devices: Annotated[int, typer.Option(help="emulated devices in the demo")] = 16,
-    rate: Annotated[float, typer.Option(help="requests/s per emulated device")] = 3.0,
+    duration: Annotated[float, typer.Option(help="demo load measured (s), after a warm-up")] = 20.0,
+    warmup: Annotated[float, typer.Option(help="demo warm-up (s): the planner re-plans from it")] = 12.0,
+    devices: Annotated[int, typer.Option(help="emulated devices in the demo")] = 24,
+    rate: Annotated[float, typer.Option(help="requests/s per emulated device")] = 5.0,
     slo_ms: Annotated[str, typer.Option(help="comma-separated SLOs the devices draw from (ms)")] = "250,400",
     trace: Annotated[str | None, typer.Option(help="mahimahi uplink trace for the devices (default: synthetic)")] = None,
     json_out: Annotated[Path | None, typer.Option("--json-out", help="write the demo summary as JSON")] = None,
@@ -127,9 +134,11 @@ def up(
         over["resolution"] = resolution
     elif demo:
         over["resolution"] = DEMO_RESOLUTION
+    if demo and not os.environ.get("GRAFT_REPLAN_S"):
+        over["replan_s"] = 4.0  # the demo is short: let the planner follow the traffic within its warm-up
     settings = Settings.from_env(**over)
     slos = [float(x) for x in slo_ms.split(",") if x.strip()]
-    code = asyncio.run(_up(settings, demo, duration, devices, rate, slos, trace, json_out, reprofile))
+    code = asyncio.run(_up(settings, demo, duration, devices, rate, slos, trace, json_out, reprofile, warmup))
     raise typer.Exit(code)
 
 

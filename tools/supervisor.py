@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from common.logs import Event, get_logger
+from services.lifecycle import child_env
 
 log = get_logger("graft.up")
 
@@ -68,7 +69,7 @@ class Supervisor:
 
     async def _spawn(self, state: ChildState) -> asyncio.subprocess.Process:
         # Every child asks the kernel for SIGTERM when graft up dies, however it dies (services.lifecycle).
-        env = {**self._base_env, **state.spec.env, "GRAFT_DIE_WITH_PARENT": "1"}
+        env = child_env({**self._base_env, **state.spec.env})
         path = self.log_path(state.spec.name)
         # The child gets its own copy of the log file's descriptor: ours is closed at once, so a child
         # that crash-loops does not leak one open file per restart.

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.lifecycle import child_env
 from services.worker.control import STOP, Assignment, encode
 from services.worker.device import Device, share_env
 
@@ -62,8 +63,7 @@ class ReplicaProcess:
         return self.proc is not None and self.proc.returncode is None
 
     async def start(self) -> None:
-        env = share_env(self.device, self.share, self.env)
-        env["GRAFT_DIE_WITH_PARENT"] = "1"
+        env = child_env(share_env(self.device, self.share, self.env))
         self.proc = await asyncio.create_subprocess_exec(*self.argv(), env=env, stdin=asyncio.subprocess.PIPE)
         self.started_at = time.monotonic()
         self.exited.clear()
