@@ -74,6 +74,7 @@ class Replica:
         self._metrics_port = metrics_port
         self._heartbeat_s = heartbeat_s
         self._stop = asyncio.Event()
+        self._beat_now = asyncio.Event()  # publish the status now (a new assignment, stopping)
         self.state = "starting"
         self.assignment: Assignment | None = None
         self.loop: BatchLoop | None = None
@@ -90,6 +91,7 @@ class Replica:
             log.info("replica_stopping", replica=self.name)
             self.state = "stopping"
         self._stop.set()
+        self._beat_now.set()
         if self.loop is not None:
             self.loop.wake()
 
@@ -238,6 +240,9 @@ class Replica:
             PLAN_EPOCH.labels(service="replica").set(a.active.epoch)
             bind(epoch=a.active.epoch, group=a.active.group, consumer=a.consumer)
         self.state = "standby" if a.standby else "serving"
+        # At once, not at the next beat: the ingress switches a plan, and routes around a dead replica,
+        # only once the registry shows a live reader of the stream.
+        self._beat_now.set()
         log.info("assigned", replica=self.name, consumer=a.consumer, share=self.share, seq=a.seq,
                  active=None if a.active is None else a.active.stream, draining=list(a.draining))
 
@@ -263,10 +268,11 @@ class Replica:
 
     async def _heartbeat(self, registry: Registry) -> None:
         while not self._stop.is_set():
+            self._beat_now.clear()
             with contextlib.suppress(*TRANSIENT, GraftError):
                 await registry.beat(self.name, self.status())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self._heartbeat_s)
+                await asyncio.wait_for(self._beat_now.wait(), self._heartbeat_s)
 
 
 # ------------------------------------------------------------------------------------------ process
