@@ -110,6 +110,7 @@ class Replica:
             await self._load(r)
             assert self.loop is not None and self.feed is not None
             self.state = "standby"
+            self._beat_now.set()  # loaded: the agent may hand it a slot
             log.info(Event.SERVICE_STARTED, replica=self.name, device=self.device.name, share=self.share,
                      metrics_port=health.port, latency=self.loop.latency.source)
             helpers = [asyncio.create_task(self.feed.reap_forever(self._stop), name=f"{self.name}-reap")]
