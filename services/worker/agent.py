@@ -178,6 +178,9 @@ class Agent:
         failures = 0
         try:
             while not self._stop.is_set():
+                # Cleared before the pass, not after it: a child that exits while the pass awaits Redis
+                # wakes the next one at once instead of a poll period later.
+                self._wake.clear()
                 try:
                     view = await watcher.poll()
                     if view is not None:
@@ -191,7 +194,6 @@ class Agent:
                 await self._supervise()
                 hb.status.update(self.status())
                 hb.ready = self._view is not None
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._poll_s * min(failures + 1, 25))
         finally:
