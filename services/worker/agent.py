@@ -57,8 +57,14 @@ from services.lifecycle import Heartbeat
 from services.worker.assignment import Slot, Wanted, retarget
 from services.worker.control import Assignment, Task
 from services.worker.device import Device, DeviceError
-from services.worker.process import EXIT_CONFIG, Backoff, ReplicaProcess, cancel_tasks, terminate_all
-from services.worker.replica import REPLICA_TTL_S
+from services.worker.process import (
+    EXIT_CONFIG,
+    REPLICA_TTL_S,
+    Backoff,
+    ReplicaProcess,
+    cancel_tasks,
+    terminate_all,
+)
 
 WORKER_TTL_S = 5.0
 INGRESS_TTL_S = 5.0

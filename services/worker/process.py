@@ -18,12 +18,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.lifecycle import child_env
+from services.lifecycle import child_env, pdeathsig_preexec
 from services.worker.control import STOP, Assignment, encode
 from services.worker.device import Device, share_env
 
 # Exit codes of a replica process: 0 stopped (final), 1 crashed, 2 its model or device cannot be served.
 EXIT_OK, EXIT_CRASH, EXIT_CONFIG = 0, 1, 2
+
+# A replica heartbeats in the registry every HEARTBEAT_S and counts as gone REPLICA_TTL_S after its last
+# beat. Here, not in replica.py, so that the agent knows them without importing torch.
+HEARTBEAT_S = 0.5
+REPLICA_TTL_S = 2.0
 
 BACKOFF_START_S = 0.2
 BACKOFF_MAX_S = 5.0
@@ -64,7 +69,9 @@ class ReplicaProcess:
 
     async def start(self) -> None:
         env = child_env(share_env(self.device, self.share, self.env))
-        self.proc = await asyncio.create_subprocess_exec(*self.argv(), env=env, stdin=asyncio.subprocess.PIPE)
+        # The death signal is set before exec: a child still importing torch dies with the agent too.
+        self.proc = await asyncio.create_subprocess_exec(*self.argv(), env=env, stdin=asyncio.subprocess.PIPE,
+                                                         preexec_fn=pdeathsig_preexec())
         self.started_at = time.monotonic()
         self.exited.clear()
         self._waiter = asyncio.create_task(self._wait(self.proc), name=f"wait-{self.name}")

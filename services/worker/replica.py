@@ -48,13 +48,11 @@ from services.worker.feed import Feed
 from services.worker.intake import Intake
 from services.worker.latency import LatencyModel, latency_model, load_profile_model
 from services.worker.loop import BatchLoop
-from services.worker.process import EXIT_CONFIG, EXIT_CRASH, EXIT_OK, cancel_tasks
+from services.worker.process import EXIT_CONFIG, EXIT_CRASH, EXIT_OK, HEARTBEAT_S, REPLICA_TTL_S, cancel_tasks
 from services.worker.replying import Replier
 
 log = structlog.get_logger("worker.replica")
 
-HEARTBEAT_S = 0.5
-REPLICA_TTL_S = 2.0
 
 
 class ReplicaConfigError(RuntimeError):
@@ -87,6 +85,11 @@ class Replica:
         self.exit_code = EXIT_OK
 
     def stop(self) -> None:
+        if self.state == "starting":
+            # Still loading its model: it holds nothing (no stream, no entry) and the load cannot be
+            # interrupted, so leave now rather than make a stopping agent wait for the load to finish.
+            log.info("replica_stopping", replica=self.name, while_loading=True)
+            os._exit(EXIT_OK)
         if not self._stop.is_set():
             log.info("replica_stopping", replica=self.name)
             self.state = "stopping"
