@@ -26,7 +26,8 @@ from tools.supervisor import ChildSpec, Supervisor
 from tools.up import System, cached_profile_path, ensure_profile, start_system, wait_ready
 
 RES = 32
-SETTINGS = Settings(models=("resnet18",), resolution=RES, device="cpu", log_level="warning")
+SETTINGS = Settings(models=("resnet18",), resolution=RES, device="cpu", log_level="warning",
+                    gateway_http_port=0, gateway_grpc_port=0)  # free ports: nothing here may need 8000
 
 
 @pytest.fixture
@@ -187,7 +188,7 @@ async def test_start_system_serves_replans_and_stops(cache: Path, tmp_path: Path
         r = Redis.from_url(system.redis_url)
         try:
             rows = await admin.services_status(r)
-            assert {row["service"] for row in rows} == {"planner", "ingress", "worker", "replica"}
+            assert {row["service"] for row in rows} == {"planner", "ingress", "worker", "replica", "gateway"}
             # The admin CLI steers the live planner: a replan publishes epoch 2, which the worker serves.
             res = await asyncio.to_thread(CliRunner().invoke, app, ["replan", "--redis-url", system.redis_url])
             assert res.exit_code == 0, res.output
@@ -209,11 +210,12 @@ async def test_start_system_serves_replans_and_stops(cache: Path, tmp_path: Path
 
     st = system.supervisor.status()
     assert {name: (s["running"], s["last_exit"]) for name, s in st.items()} == {
-        "planner": (False, 0), "ingress": (False, 0), "worker": (False, 0)}  # each stopped gracefully
+        "planner": (False, 0), "ingress": (False, 0), "worker": (False, 0), "gateway": (False, 0)}  # gracefully
     assert replica_pids and not any(alive(pid) for pid in replica_pids)
     with pytest.raises(TimeoutError):
         await wait_for_redis(system.redis_url, 0.5)  # the embedded Redis is gone too
-    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["ingress.log", "planner.log", "worker.log"]
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["gateway.log", "ingress.log", "planner.log",
+                                                                     "worker.log"]
     assert os.environ.get("GRAFT_CACHE_DIR") == str(cache)
 
 

@@ -14,9 +14,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from common import logs
+from common.contract import keys
 from common.profiles import Profile
 from common.settings import Settings
 from common.store.plan_store import load_plan
+from common.store.registry import Registry
 from common.store.streams import connect
 from tools.cli_admin import plan_table
 from tools.console import make_console
@@ -62,7 +64,16 @@ async def _up(settings: Settings, demo: bool, duration: float, devices: int, rat
             plan = await wait_ready(system, on_wait=lambda msg: st.update(f"waiting: {msg}"))
         console.print(plan_table(plan))
         if not demo:
-            console.print("Graft is up. Producers XADD to graft:ingress (see README). Ctrl-C stops everything.")
+            r = connect(system.redis_url, settings=settings)
+            try:
+                gateways = list((await Registry(r, keys.GATEWAY_KIND, 5.0).live()).values())
+            finally:
+                await r.aclose()
+            for g in gateways:
+                console.print(f"gateway (Open Inference Protocol v2): http://{g.get('host')}:{g.get('http_port')} · "
+                              f"grpc {g.get('host')}:{g.get('grpc_port')}")
+            console.print(f"Graft is up. Standard clients (tritonclient, curl) use the gateway; Redis producers XADD "
+                          f"to graft:ingress at {system.redis_url} (see README). Ctrl-C stops everything.")
             await wait_for_signal()
             return 0
         profile = Profile.load(profile_path)

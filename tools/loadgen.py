@@ -141,11 +141,22 @@ class LoadReport:
             "goodput_rps": met / self.duration_s if self.duration_s else 0.0,
             "offered_rps": len(outs) / self.duration_s if self.duration_s else 0.0,
             "breakdown_ms": self.breakdown(),
+            "overhead_ms": self.overhead(),
             "devices": len(self.devices),
             "cuts": dict(sorted(Counter(f"{o.model}:{o.cut}" for o in outs).items())),
             "epochs": sorted({o.epoch for o in ok if o.epoch is not None}),
             "unplaced_devices": self.unplaced,
         }
+
+    def overhead(self) -> dict[str, float]:
+        """Per OK request: client latency minus its batch's compute (everything but the model), and that
+        minus the replica's wait for its batch's turn too (the path alone: the client's send and read,
+        the Redis hops, the ingress, the replica's read and reply)."""
+        ok = [o for o in self.outcomes if o.ok and o.timings]
+        outside = [o.latency_ms - (o.timings or {}).get("compute_ms", 0.0) for o in ok]
+        path = [x - (o.timings or {}).get("wait_ms", 0.0) for x, o in zip(outside, ok, strict=True)]
+        return {"outside_compute_p50": _pct(outside, 50), "outside_compute_p99": _pct(outside, 99),
+                "path_p50": _pct(path, 50), "path_p99": _pct(path, 99), "n": float(len(ok))}
 
     def breakdown(self) -> dict[str, float]:
         """Median of where an OK request's time went: compute, batching wait, queueing before the replica,

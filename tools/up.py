@@ -95,7 +95,7 @@ class System:
             self.redis.stop()
 
 
-SERVICES = ("planner", "ingress", "worker")
+SERVICES = ("planner", "ingress", "worker", "gateway")
 
 
 async def start_system(settings: Settings, profile_path: Path, *, log_dir: Path,
@@ -136,17 +136,21 @@ async def start_system(settings: Settings, profile_path: Path, *, log_dir: Path,
 
 async def wait_ready(system: System, timeout: float = 120.0,
                      on_wait: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Wait until a plan is published, an ingress routes by it and every group of it has a live replica."""
+    """Wait until a plan is published, an ingress routes by it, every group of it has a live replica and,
+    when the system runs a gateway, the gateway is ready."""
     r = connect(system.redis_url, settings=system.settings)
     deadline = time.monotonic() + timeout
     replicas, ingresses = Registry(r, keys.REPLICA_KIND, 2.0), Registry(r, keys.INGRESS_KIND, 5.0)
+    gateways = Registry(r, keys.GATEWAY_KIND, 5.0)
+    want_gateway = "gateway" in system.supervisor.children
     try:
         while True:
             view = await load_plan(r)
             serving = serving_from((await replicas.live()).values())
             routing = [s for s in (await ingresses.live()).values() if view is not None and s.get("epoch") == view.epoch]
             missing = unserved(view, serving) if view is not None else ["(no plan)"]
-            if view is not None and routing and not missing:
+            gateway_ok = not want_gateway or any(s.get("status") == "running" for s in (await gateways.live()).values())
+            if view is not None and routing and not missing and gateway_ok:
                 return view.raw
             if on_wait is not None:
                 on_wait(f"plan={'epoch ' + str(view.epoch) if view else 'none'} ingress={len(routing)} "
