@@ -8,8 +8,10 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    bench = typer.Typer(help="Benchmarks: plan (planner suite), runtime (live services), gateway (the OIP front door).", no_args_is_help=True)
+    bench = typer.Typer(help="Benchmarks: plan (planner suite), runtime (live services), gateway (the OIP front door), "
+                        "faults (the fault suite).", no_args_is_help=True)
     from tools.bench_e2e import register_bench as register_e2e
+    from tools.bench_faults import register_bench as register_faults
     from tools.bench_gateway import register_bench as register_gateway
     from tools.bench_plan import register_bench as register_plan
     from tools.bench_runtime import register_bench as register_runtime
@@ -18,4 +20,5 @@ def register(app: typer.Typer) -> None:
     register_runtime(bench)
     register_e2e(bench)
     register_gateway(bench)
+    register_faults(bench)
     app.add_typer(bench, name="bench")
