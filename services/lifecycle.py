@@ -153,6 +153,26 @@ def child_env(base: dict[str, str]) -> dict[str, str]:
     return {**base, ENV_DIE_WITH_PARENT: "1", ENV_PARENT_PID: str(os.getpid())}
 
 
+def pdeathsig_preexec(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` for a child that must die with its parent from its very first instruction.
+
+    ``die_with_parent`` runs only once the child's imports are done — seconds for a replica importing
+    torch — and a parent killed meanwhile leaves an orphan that keeps importing, loading its model and
+    taking CPU from the processes that replace it. Set in the forked child before ``exec``, the death
+    signal covers that window too (it survives ``exec``); ``die_with_parent`` still checks, after the
+    imports, that the parent did not die before the fork finished. None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+    return preexec
+
+
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """When started by a supervisor (``GRAFT_DIE_WITH_PARENT=1``: ``graft up``, the worker agent), ask
     the kernel to send ``sig`` when the parent dies — even by SIGKILL — so no child outlives it. A

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from common.logs import Event, get_logger
-from services.lifecycle import child_env
+from services.lifecycle import child_env, pdeathsig_preexec
 
 log = get_logger("graft.up")
 
@@ -68,7 +68,8 @@ class Supervisor:
         return None if self._log_dir is None else self._log_dir / f"{name}.log"
 
     async def _spawn(self, state: ChildState) -> asyncio.subprocess.Process:
-        # Every child asks the kernel for SIGTERM when graft up dies, however it dies (services.lifecycle).
+        # Every child gets SIGTERM from the kernel when graft up dies, however it dies, from before its exec
+        # (services.lifecycle.pdeathsig_preexec): one still importing when graft up is killed dies too.
         env = child_env({**self._base_env, **state.spec.env})
         path = self.log_path(state.spec.name)
         # The child gets its own copy of the log file's descriptor: ours is closed at once, so a child
@@ -76,7 +77,8 @@ class Supervisor:
         with path.open("ab") if path is not None else contextlib.nullcontext() as fh:
             out: IO[bytes] | None = fh
             proc = await asyncio.create_subprocess_exec(*state.spec.argv, env=env, stdout=out, stderr=out,
-                                                        stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
+                                                        stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
+                                                        preexec_fn=pdeathsig_preexec())
         state.proc, state.started_at = proc, time.monotonic()
         return proc
 
