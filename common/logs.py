@@ -25,6 +25,8 @@ class Event(StrEnum):
     BATCH_DONE = "batch_done"
     BATCH_FAILED = "batch_failed"
     PLAN_PUBLISHED = "plan_published"
+    LEADER_ELECTED = "planner_leader_elected"
+    LEADER_LOST = "planner_leader_lost"
     PLAN_SWITCHED = "plan_switched"
     PLAN_UNCHANGED = "plan_unchanged"
     PLAN_WAITING = "plan_waiting_for_workers"

@@ -15,8 +15,9 @@ Data plane
     graft:dead:<stream>                  dead letters of a stream (poison entries, with the error)
 
 Control plane
-    graft:plan                           the current plan (msgpack plan envelope)
-    graft:plans                          stream of every published plan (history)
+    graft:{plan}                         the current plan (msgpack plan envelope)
+    graft:{plan}:history                 stream of every published plan
+    graft:{plan}:leader                  the planner leader's lease (its instance name, with a TTL)
     graft:stats                          ingress → planner fragment statistics (stream)
     graft:control                        admin commands to the planner (replan, drain, scale, plan, release)
     graft:registry:{kind}                who is alive: hash, one field per instance of ``kind`` (its status)
@@ -28,8 +29,9 @@ from __future__ import annotations
 PREFIX = "graft"
 
 INGRESS = f"{PREFIX}:ingress"
-PLAN = f"{PREFIX}:plan"
-PLANS = f"{PREFIX}:plans"
+PLAN = f"{PREFIX}:{{plan}}"
+PLANS = f"{PREFIX}:{{plan}}:history"
+PLANNER_LEASE = f"{PREFIX}:{{plan}}:leader"
 STATS = f"{PREFIX}:stats"
 CONTROL = f"{PREFIX}:control"
 

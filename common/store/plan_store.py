@@ -1,9 +1,9 @@
 """Where plans live in Redis, and how services follow them.
 
-``graft:plan`` holds the current plan (a msgpack plan envelope); ``graft:plans`` is a stream with every
+``graft:{plan}`` holds the current plan (a msgpack plan envelope); ``graft:{plan}:history`` is a stream with every
 plan ever published (history for ``graft plan diff``). Publishing is one MULTI/EXEC transaction
 guarded by the epoch, so epochs only grow even with two planners. Services poll the small
-``graft:plan`` key (a GET every ``interval``) rather than subscribing: a poll cannot miss a message
+``graft:{plan}`` key (a GET every ``interval``) rather than subscribing: a poll cannot miss a message
 across a reconnect, and switching happens at batch boundaries anyway.
 """
 
@@ -25,6 +25,10 @@ HISTORY_MAXLEN = 1000
 
 class StaleEpoch(RuntimeError):
     """A plan was published with an epoch not above the current one."""
+
+
+class NotLeader(RuntimeError):
+    """A fenced publish by a planner that does not hold the planner lease."""
 
 
 async def load_plan(r: Any) -> PlanView | None:
@@ -52,15 +56,23 @@ async def find_plan(r: Any, epoch: int, *, page: int = 100) -> PlanView | None:
             return None
 
 
-async def publish_plan(r: Any, plan: Mapping[str, Any]) -> int:
-    """Publish ``plan`` as the current plan; its epoch must exceed the current one. Returns the epoch."""
+async def publish_plan(r: Any, plan: Mapping[str, Any], *, fence: str | None = None) -> int:
+    """Publish ``plan`` as the current plan; its epoch must exceed the current one. Returns the epoch.
+
+    ``fence``: the publisher's planner instance name; the publish happens only while the planner lease
+    (``keys.PLANNER_LEASE``) names it, checked in the same transaction (``NotLeader`` otherwise).
+    """
     epoch = int(plan["epoch"])
     payload = wire.encode_plan(dict(plan))
     async with r.pipeline(transaction=True) as pipe:
         while True:
             try:
-                await pipe.watch(keys.PLAN)
+                await pipe.watch(keys.PLAN, *([keys.PLANNER_LEASE] if fence is not None else []))
                 raw = await pipe.get(keys.PLAN)
+                if fence is not None:
+                    holder = await pipe.get(keys.PLANNER_LEASE)
+                    if holder is None or (holder.decode() if isinstance(holder, bytes) else str(holder)) != fence:
+                        raise NotLeader(f"planner {fence} does not hold the lease; plan epoch {epoch} not published")
                 current = PlanView(wire.decode_plan(raw)).epoch if raw is not None else -1
                 if epoch <= current:
                     raise StaleEpoch(f"plan epoch {epoch} is not above the current epoch {current}")

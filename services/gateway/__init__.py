@@ -23,7 +23,7 @@ HTTP                                                gRPC                        
 ``POST /v2/models/{m}[/versions/1]/infer``          ``ModelInfer``              the output, or an error (table below)
 ==================================================  ==========================  ===========================
 
-Models are the ones the current plan serves (the gateway follows ``graft:plan``); each has one version,
+Models are the ones the current plan serves (the gateway follows ``graft:{plan}``); each has one version,
 ``1``. Every other gRPC method answers ``UNIMPLEMENTED``; extensions: ``binary_tensor_data``,
 ``parameters``, ``schedule_policy`` (its ``timeout`` parameter only).
 

@@ -4,7 +4,7 @@ A model's *signature* lists the inputs ``cut_0 .. cut_{N-1}`` (datatype FP32, sh
 the tensor the device holds after blocks ``0..c-1``, per request, at ``GRAFT_RESOLUTION``) and its one
 output ``logits`` (``[-1, *out_shape]``). Signatures come from ``common.model.zoo.describe`` (shapes on
 the meta device, no weights), computed once per model and cached; the served set follows the plan
-(``PlanFollower`` polls ``graft:plan`` like the ingress does, and describes new models in a thread so
+(``PlanFollower`` polls ``graft:{plan}`` like the ingress does, and describes new models in a thread so
 the event loop never stalls on it).
 """
 
@@ -99,7 +99,7 @@ class Catalog:
 
 
 class PlanFollower:
-    """Keeps a ``Catalog`` on the current plan: polls ``graft:plan`` every ``interval_s``."""
+    """Keeps a ``Catalog`` on the current plan: polls ``graft:{plan}`` every ``interval_s``."""
 
     def __init__(self, r: Any, catalog: Catalog, *, interval_s: float = 0.2,
                  on_change: Callable[[Catalog], None] | None = None) -> None:
@@ -127,6 +127,6 @@ class PlanFollower:
             except TRANSIENT as exc:  # Redis away: keep serving the plan we have
                 log.warning(logs.Event.REDIS_RECONNECT, service="gateway", error=repr(exc))
             except Exception as exc:  # a plan we cannot read (or a model we cannot describe): keep the last one
-                log.error(logs.Event.MALFORMED, service="gateway", key="graft:plan", error=repr(exc))
+                log.error(logs.Event.MALFORMED, service="gateway", key="graft:{plan}", error=repr(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.interval_s)

@@ -23,6 +23,7 @@ drift). Every later plan uses the scaled profile and records the factors as ``la
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,6 +44,7 @@ from common.store.streams import StreamConsumer, ensure_group
 from services.lifecycle import Heartbeat
 from services.planner.calibration import Calibration
 from services.planner.devices import LiveDevices, needs_reassignment, parse_worker_status, shortfall
+from services.planner.leadership import Lease
 from services.planner.observed import TrafficWindow, build_workload, drift, parse_stats
 from services.planner.replanning import Steering, next_plan, same_serving
 from services.planner.sweeper import sweeping
@@ -87,6 +89,7 @@ class Planner:
         self.device_poll_s = DEVICE_POLL_S
         self._devices_read_at = float("-inf")
         self.calibration = Calibration()
+        self.fence: str | None = None  # the lease holder name publishes are fenced with (None: no lease)
         self.workers = Registry(r, keys.WORKER_KIND, WORKER_TTL_S)
         self.replicas = Registry(r, keys.REPLICA_KIND, REPLICA_TTL_S)
 
@@ -123,7 +126,7 @@ class Planner:
             await self.refresh_unplaced()
             return self.current
         try:
-            await publish_plan(self.r, plan)
+            await publish_plan(self.r, plan, fence=self.fence)
         except StaleEpoch:  # another planner moved on: follow it
             view = await load_plan(self.r)
             plan = view.raw if view else plan
@@ -339,9 +342,58 @@ class Planner:
 
 
 async def main(settings: Settings, r: Any, stop: asyncio.Event, hb: Heartbeat) -> None:
+    """Plan while this instance holds the planner lease; wait as a standby otherwise (leadership.py)."""
     profile, name = load_profile(settings)
     for stream in (keys.STATS, keys.CONTROL):
         await ensure_group(r, stream, keys.PLANNER_GROUP, "0")
-    planner = Planner(settings, r, profile, name, hb)
-    async with sweeping(r, settings, f"sweeper-{hb.name}", stop):  # answers what retired streams strand
-        await planner.run(stop, f"planner-{hb.name}")
+    lease = Lease(r, hb.name)
+    log = logs.get_logger("graft.planner")
+    async with sweeping(r, settings, f"sweeper-{hb.name}", stop):  # answers what orphaned streams strand
+        while not stop.is_set():
+            hb.status.update(role="standby", leader=None)
+            try:
+                leading = await lease.hold()
+            except (RedisError, OSError) as exc:
+                log.warning(logs.Event.REDIS_RECONNECT, error=repr(exc), during="lease")
+                leading = False
+            if not leading:
+                hb.status.update(leader=await _holder(lease))
+                hb.ready = True  # a standby is healthy: it is ready to take over
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), lease.retry_s)
+                continue
+            log.info(logs.Event.LEADER_ELECTED, planner=hb.name)
+            hb.status.update(role="leader", leader=hb.name)
+            planner = Planner(settings, r, profile, name, hb)  # a fresh start from the published plan
+            planner.fence = hb.name
+            await _lead(planner, lease, stop, f"planner-{hb.name}")
+            if stop.is_set():
+                with contextlib.suppress(RedisError, OSError):
+                    await lease.release()  # a clean stop hands over at once, not after the TTL
+
+
+async def _lead(planner: Planner, lease: Lease, stop: asyncio.Event, consumer: str) -> None:
+    """Run ``planner`` while the lease can be renewed; stop it the moment it cannot."""
+    done = asyncio.Event()
+    run = asyncio.create_task(planner.run(done, consumer))
+    try:
+        while not stop.is_set() and not run.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), lease.renew_s)
+            try:
+                if not await lease.hold():
+                    planner.log.warning(logs.Event.LEADER_LOST, planner=lease.name, holder=await _holder(lease))
+                    break
+            except (RedisError, OSError) as exc:
+                planner.log.warning(logs.Event.LEADER_LOST, planner=lease.name, error=repr(exc))
+                break
+    finally:
+        done.set()
+        await asyncio.gather(run, return_exceptions=True)
+
+
+async def _holder(lease: Lease) -> str | None:
+    try:
+        return await lease.holder()
+    except (RedisError, OSError):
+        return None
