@@ -23,12 +23,12 @@ from common.profiling.estimate import (
 
 
 @pytest.fixture(scope="module")
-def cal() -> estimate.Calibration:
+def cal() -> estimate.MpsFit:
     return fit_calibration("v100")
 
 
 @pytest.fixture(scope="module")
-def small_profile(cal: estimate.Calibration) -> Profile:
+def small_profile(cal: estimate.MpsFit) -> Profile:
     return estimate_profile(["alexnet", "resnet18", "mobilenet_v2"], cal=cal)
 
 
@@ -40,7 +40,7 @@ def test_anchors_are_the_published_table() -> None:
 
 
 @pytest.mark.parametrize("anchor", V100_ANCHORS, ids=lambda a: f"{a.model}-b{a.batch}-g{a.share}")
-def test_calibration_reproduces_every_anchor_within_15pct(cal: estimate.Calibration, anchor: Anchor) -> None:
+def test_calibration_reproduces_every_anchor_within_15pct(cal: estimate.MpsFit, anchor: Anchor) -> None:
     info = describe(anchor.model, 224)
     feats = model_features(anchor.model, 224)
     flops = sum(b.flops for b in info.blocks)
@@ -51,7 +51,7 @@ def test_calibration_reproduces_every_anchor_within_15pct(cal: estimate.Calibrat
     assert abs(est / anchor.ms - 1.0) < 0.15, (anchor, est)
 
 
-def test_calibration_reports_its_own_errors(cal: estimate.Calibration) -> None:
+def test_calibration_reports_its_own_errors(cal: estimate.MpsFit) -> None:
     assert len(cal.rel_errors) == len(V100_ANCHORS)
     assert cal.max_abs_error < 0.15
     doc = cal.to_dict()
@@ -59,7 +59,7 @@ def test_calibration_reports_its_own_errors(cal: estimate.Calibration) -> None:
     assert all(abs(a["rel_error"]) < 0.15 for a in doc["anchors"])
 
 
-def test_fitted_constants_are_physical(cal: estimate.Calibration) -> None:
+def test_fitted_constants_are_physical(cal: estimate.MpsFit) -> None:
     c = cal.constants
     assert 0.3 < c["mem_gb_per_ms"] < 1.0  # a V100's HBM2 peaks at 0.9 TB/s
     assert 5.0 < c["peak_gflop_per_ms"] < 130.0  # at most the V100's tensor-core peak
@@ -68,7 +68,7 @@ def test_fitted_constants_are_physical(cal: estimate.Calibration) -> None:
         assert lo <= c[name] <= hi
 
 
-def test_small_batches_saturate_and_large_batches_scale(cal: estimate.Calibration) -> None:
+def test_small_batches_saturate_and_large_batches_scale(cal: estimate.MpsFit) -> None:
     for name in ("resnet50", "resnet18", "mobilenet_v2", "densenet121"):
         f = model_features(name)
         b1 = [estimate_features_latency_ms(f, 1, g, cal) for g in (10, 50, 100)]
@@ -86,7 +86,7 @@ def test_profile_is_monotone(small_profile: Profile) -> None:
         assert np.all(t > 0)
 
 
-def test_block_latencies_sum_to_the_whole_model(cal: estimate.Calibration, small_profile: Profile) -> None:
+def test_block_latencies_sum_to_the_whole_model(cal: estimate.MpsFit, small_profile: Profile) -> None:
     for name, m in small_profile.models.items():
         f = model_features(name)
         for b in (1, 3, 16, 32):
@@ -97,7 +97,7 @@ def test_block_latencies_sum_to_the_whole_model(cal: estimate.Calibration, small
                     assert m.suffix_latency(0, b, g) == pytest.approx(whole, rel=2e-3)
 
 
-def test_latency_is_spread_by_flops(cal: estimate.Calibration) -> None:
+def test_latency_is_spread_by_flops(cal: estimate.MpsFit) -> None:
     f = model_features("resnet18")
     lat = estimate_block_latencies(f, 8, 50, cal)
     flops = f.column("flops")

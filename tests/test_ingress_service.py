@@ -430,7 +430,7 @@ async def test_poison_entry_is_dead_lettered_and_still_answered(redis: Redis, se
     await redis.xreadgroup(keys.INGRESS_GROUP, "ingress-p", {keys.INGRESS: ">"})
     for _ in range(settings.max_deliveries):  # each re-read of its own pending counts a delivery
         await redis.xreadgroup(keys.INGRESS_GROUP, "ingress-p", {keys.INGRESS: "0"})
-    service, stop, task = start(redis, settings, "ingress-p")
+    _service, stop, task = start(redis, settings, "ingress-p")
     got = await replies(redis, "cli", 1)
     assert got["poison"].error is not None and got["poison"].error.code == "INTERNAL"
     assert [d.entry_id for d in await list_dead_letters(redis, keys.INGRESS)] != []

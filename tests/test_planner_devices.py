@@ -14,8 +14,8 @@ from common.planning.verify import verify_plan
 from services.planner.devices import (
     LiveDevices,
     assign_devices,
-    device_kind,
     device_node,
+    kind_of,
     natural_key,
     needs_reassignment,
     parse_worker_status,
@@ -134,7 +134,7 @@ def test_shortfall_and_needs_reassignment() -> None:
 
 
 def test_host_qualified_names_have_the_kind_after_the_slash() -> None:
-    assert [device_kind(n) for n in ("gpu3", "a/gpu3", "gpu-host-1/cpu0", "x.y/gpu")] == ["gpu", "gpu", "cpu", "gpu"]
+    assert [kind_of(n) for n in ("gpu3", "a/gpu3", "gpu-host-1/cpu0", "x.y/gpu")] == ["gpu", "gpu", "cpu", "gpu"]
     assert [device_node(n) for n in ("gpu3", "a/gpu3", "gpu-host-1/cpu0")] == ["", "a", "gpu-host-1"]
     # index before node: one GPU of each host in turn; plain names first at each index
     assert sorted(["b/gpu1", "a/gpu1", "gpu1", "b/gpu0", "a/gpu0", "a/cpu0", "a/gpu10"], key=natural_key) == [
@@ -209,9 +209,9 @@ def test_assignment_properties(raw: list[list[tuple[str, int]]], live: set[str],
     got = names(a.placement)
     # complete and well formed: same bins in the same order, distinct names of the bin's kind
     assert content(a.placement) == content(placement)
-    assert len(set(got)) == len(got) and all(device_kind(n) == kind for n in got)
+    assert len(set(got)) == len(got) and all(kind_of(n) == kind for n in got)
     assert not set(got) & drained  # never on a drained device
-    usable = {n for n in live - drained if device_kind(n) == kind}
+    usable = {n for n in live - drained if kind_of(n) == kind}
     whole = ({""} if all_cpu else set()) if isinstance(all_cpu, bool) else all_cpu  # nodes of whole-CPU agents
     served = [n for n in got if n in usable or (kind == "cpu" and device_node(n) in whole)]
     # honest: what is not on a served device is reported, with its replica count, and nothing else is

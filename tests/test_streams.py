@@ -185,14 +185,6 @@ async def test_trim_by_age_on_the_redis_clock_and_by_length(redis: Redis) -> Non
     assert await streams.trim(redis, "graft:test:missing", max_age_ms=1000, maxlen=10) == 0
 
 
-def test_consumer_names_are_stable_and_distinct_per_replica() -> None:
-    a = streams.consumer_name("worker", index=0, env={})
-    assert a == streams.consumer_name("worker", index=0, env={}) and a.endswith(":worker:0")
-    assert a != streams.consumer_name("worker", index=1, env={})
-    assert streams.consumer_name("worker", index=2, env={"GRAFT_CONSUMER": "gpu0"}) == "gpu0:2"
-    assert streams.consumer_name("ingress", env={"GRAFT_CONSUMER": "ing-a"}) == "ing-a"
-
-
 async def test_wait_for_redis(redis_url: str) -> None:
     await streams.wait_for_redis(redis_url, timeout=2)
     from tools.redis_server import free_port

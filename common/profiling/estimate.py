@@ -86,7 +86,7 @@ MEM_SHARPNESS = 8.0
 
 
 @dataclass(frozen=True)
-class Calibration:
+class MpsFit:
     gpu: str
     constants: dict[str, float]
     anchors: tuple[Anchor, ...]
@@ -207,7 +207,7 @@ def _latency(c: dict[str, float], gflop: Floats | float, layers: Floats | float,
                       + (np.asarray(weight_gb) + np.asarray(act_gb) * b) / mem_rate, dtype=np.float64)
 
 
-def estimate_model_latency_ms(flops_per_req: float, n_blocks: int, batch: float, share: int, cal: Calibration,
+def estimate_model_latency_ms(flops_per_req: float, n_blocks: int, batch: float, share: int, cal: MpsFit,
                               *, layers: int | None = None, weight_bytes: float = 0.0,
                               act_bytes: float = 0.0) -> float:
     """Whole-model latency (ms) at ``batch`` and ``share`` percent.
@@ -221,13 +221,13 @@ def estimate_model_latency_ms(flops_per_req: float, n_blocks: int, batch: float,
                           batch, share))
 
 
-def estimate_features_latency_ms(feats: ModelFeatures, batch: float, share: int, cal: Calibration) -> float:
+def estimate_features_latency_ms(feats: ModelFeatures, batch: float, share: int, cal: MpsFit) -> float:
     return estimate_model_latency_ms(float(feats.column("flops").sum()), len(feats.blocks), batch, share, cal,
                                      layers=feats.layers, weight_bytes=float(feats.column("weight_bytes").sum()),
                                      act_bytes=float(feats.column("act_bytes").sum()))
 
 
-def estimate_block_latencies(feats: ModelFeatures, batch: float, share: int, cal: Calibration) -> Floats:
+def estimate_block_latencies(feats: ModelFeatures, batch: float, share: int, cal: MpsFit) -> Floats:
     """Per-block latencies (ms) whose sum is ``estimate_features_latency_ms`` at the same point."""
     c = cal.constants
     compute_rate, mem_rate = _rates(c, feats.gflop, feats.layers, batch, share)
@@ -275,7 +275,7 @@ def _levenberg_marquardt(resid: Any, x: Floats, iters: int = 200) -> Floats:
 
 
 def fit_calibration(gpu: str = "v100", *, anchors: Sequence[Anchor] | None = None, restarts: int = 8,
-                    seed: int = 0) -> Calibration:
+                    seed: int = 0) -> MpsFit:
     """Least-squares fit (relative error, in log space) of the global constants to the anchors."""
     if gpu not in GPUS:
         raise ValueError(f"no calibration anchors for gpu {gpu!r} (known: {', '.join(GPUS)})")
@@ -313,11 +313,11 @@ def fit_calibration(gpu: str = "v100", *, anchors: Sequence[Anchor] | None = Non
         raise RuntimeError("calibration did not converge from any start")
     c = consts(best[1])
     pred = _latency(c, gflop, layers, weight_gb, act_gb, batch, share)
-    return Calibration(gpu, c, pts, tuple(float(p) for p in pred))
+    return MpsFit(gpu, c, pts, tuple(float(p) for p in pred))
 
 
 @functools.lru_cache(maxsize=4)
-def default_calibration(gpu: str = "v100") -> Calibration:
+def default_calibration(gpu: str = "v100") -> MpsFit:
     return fit_calibration(gpu)
 
 
@@ -330,7 +330,7 @@ def _sig(x: float, digits: int = SIGNIFICANT_DIGITS) -> float:
 
 def estimate_profile(models: Sequence[str] = MODEL_NAMES, *, gpu: str = "v100", resolution: int | None = None,
                      batches: Sequence[int] = BATCHES, shares: Sequence[int] = SHARES,
-                     cal: Calibration | None = None) -> Profile:
+                     cal: MpsFit | None = None) -> Profile:
     """An estimated profile (design.md section 3) of ``models`` on ``gpu``.
 
     ``resolution=None`` uses each model's default (inception_v3: 299), the inputs Graft serves by default.

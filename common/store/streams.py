@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
 import random
-import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -45,7 +43,6 @@ TRANSIENT: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutErro
 # What a handler may raise to mean "Redis is down" rather than "this entry failed" (a handler's own
 # OSError or builtin TimeoutError is an entry failure: it must count towards dead-lettering).
 REDIS_DOWN: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError)
-ENV_CONSUMER = "GRAFT_CONSUMER"
 DEAD_LETTER_MAXLEN = 10_000
 
 
@@ -122,18 +119,6 @@ def block_below_timeout(r: Redis, block_ms: int) -> None:
             f"BLOCK {block_ms} ms must stay below the socket timeout ({timeout} s), "
             "or a blocked read times out and is retried silently"
         )
-
-
-def consumer_name(service: str, *, index: int | None = None, env: dict[str, str] | None = None) -> str:
-    """A consumer name that survives restarts of the same replica, so it recovers its own pending entries.
-
-    ``$GRAFT_CONSUMER`` wins (orchestrators set it per replica); else ``host:service``. ``index``
-    (the replica's slot on its host) is appended either way, so children that inherit the variable
-    from their agent still get distinct names.
-    """
-    environ = os.environ if env is None else env
-    base = environ.get(ENV_CONSUMER) or f"{socket.gethostname()}:{service}"
-    return base if index is None else f"{base}:{index}"
 
 
 class Backoff:

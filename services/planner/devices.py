@@ -62,7 +62,7 @@ def qualify(node: str, local: str) -> str:
     return f"{node}/{local}" if node else local
 
 
-def device_kind(name: str) -> str:
+def kind_of(name: str) -> str:
     """``gpu3``, ``a/gpu3`` → ``gpu``: devices of one kind are interchangeable, whichever node hosts them."""
     local = name.rpartition("/")[2]
     m = _NAME.match(local)
@@ -80,7 +80,7 @@ def natural_key(name: str) -> tuple[str, int, str, str]:
     Index before node: ``a/gpu0``, ``b/gpu0``, ``a/gpu1``, … takes one GPU of each host in turn.
     """
     i = device_index(name)
-    return device_kind(name), (i if i is not None else 1 << 62), device_node(name), name
+    return kind_of(name), (i if i is not None else 1 << 62), device_node(name), name
 
 
 def _cpu_nodes(all_cpu: AllCpu) -> frozenset[str]:
@@ -128,7 +128,7 @@ class _Devices:
             return False
         if self.live is None or name in self.live:
             return True
-        return device_kind(name) == CPU and device_node(name) in self.cpu_nodes
+        return kind_of(name) == CPU and device_node(name) in self.cpu_nodes
 
 
 def _signature(entry: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
@@ -161,9 +161,9 @@ def assign_devices(placement: Sequence[Mapping[str, Any]], live: Collection[str]
     for p in previous or ():
         before.setdefault(_signature(p), []).append(str(p["device"]))
     for i, e in enumerate(entries):
-        kind = device_kind(str(e["device"]))
+        kind = kind_of(str(e["device"]))
         for name in before.get(_signature(e), []):
-            if name not in used and device_kind(name) == kind and devs.servable(name):
+            if name not in used and kind_of(name) == kind and devs.servable(name):
                 chosen[i] = name
                 used.add(name)
                 before[_signature(e)].remove(name)
@@ -173,11 +173,11 @@ def assign_devices(placement: Sequence[Mapping[str, Any]], live: Collection[str]
     free: dict[str, list[str]] = {}
     for name in sorted(devs.live or (), key=natural_key):
         if devs.servable(name) and name not in used:
-            free.setdefault(device_kind(name), []).append(name)
+            free.setdefault(kind_of(name), []).append(name)
     for i, e in enumerate(entries):
         if chosen[i] is not None:
             continue
-        kind = device_kind(str(e["device"]))
+        kind = kind_of(str(e["device"]))
         queue = free.get(kind, [])
         while queue and queue[0] in used:
             queue.pop(0)
@@ -197,8 +197,8 @@ def assign_devices(placement: Sequence[Mapping[str, Any]], live: Collection[str]
     for i, e in enumerate(entries):
         got = chosen[i]
         if got is None:
-            kind, sig = device_kind(str(e["device"])), _signature(e)
-            got = next((n for n in before.get(sig, []) if device_kind(n) == kind and not taken(n)), None)
+            kind, sig = kind_of(str(e["device"])), _signature(e)
+            got = next((n for n in before.get(sig, []) if kind_of(n) == kind and not taken(n)), None)
             if got is not None:
                 before[sig].remove(got)
             else:
