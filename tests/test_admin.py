@@ -301,3 +301,21 @@ async def test_drain_and_status_with_host_qualified_devices(redis: Any, env: str
     rows = {line.split("│")[2].strip(): line for line in res.output.splitlines() if line.count("│") > 3}
     assert "device(s)" in res.output
     assert "b/gpu0, b/gpu1" in rows["h1"] and "a/gpu0" in rows["r0"]  # an agent's devices, a replica's device
+
+
+async def test_plan_apply_and_release_queue_commands_for_the_planner(redis: Any, env: str, tmp_path: Any) -> None:
+    wl = tmp_path / "w.json"
+    wl.write_text(json.dumps({"fragments": [{"id": "a", "model": "resnet18", "cut": 2, "rate_rps": 5.0,
+                                             "budget_ms": 80.0}]}))
+    res = await cli("plan", "apply", "--workload", str(wl), "--policy", "per-cut", "--hold")
+    assert res.exit_code == 0 and "1 fragments, policy per-cut, held" in res.output, res.output
+    res = await cli("plan", "release")
+    assert res.exit_code == 0, res.output
+    cmds = await control_commands(redis)
+    assert [c["cmd"] for c in cmds] == ["plan", "release"]
+    assert cmds[0]["policy"] == "per-cut" and cmds[0]["hold"] is True
+    assert cmds[0]["workload"]["fragments"][0]["cut"] == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"fragments": [{"id": "a"}]}')
+    res = await cli("plan", "apply", "--workload", str(bad))
+    assert res.exit_code != 0 and len(await control_commands(redis)) == 2  # nothing queued

@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -16,6 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rich.markup import escape
 from rich.table import Table
 
+from common.planning.types import PlanningError, workload_from_dict
 from common.settings import Settings, SettingsError
 from common.store.streams import connect
 from tools import admin
@@ -192,6 +194,30 @@ def replan(redis_url: RedisUrl = None) -> None:
     console.print(f"replan request queued ({entry})")
 
 
+def plan_apply(workload: Annotated[Path, typer.Option("--workload", help="workload JSON (graft workload --out)")],
+               policy: Annotated[str | None, typer.Option(help="graft or per-cut (default: the planner's)")] = None,
+               hold: Annotated[bool, typer.Option("--hold", help="keep this plan until `graft plan release`")] = False,
+               redis_url: RedisUrl = None) -> None:
+    """Have the live planner plan this workload (instead of the observed traffic) and publish it."""
+    try:
+        body = json.loads(workload.read_text())
+        workload_from_dict(body)
+    except (OSError, json.JSONDecodeError, PlanningError) as exc:
+        raise typer.BadParameter(f"{workload}: {exc}") from None
+    args: dict[str, Any] = {"workload": {"fragments": body["fragments"]}, "hold": hold}
+    if policy is not None:
+        args["policy"] = policy
+    entry = _with_redis(redis_url, lambda r: admin.send_control(r, "plan", **args))
+    console.print(f"plan request queued ({entry}): {len(body['fragments'])} fragments"
+                  + (f", policy {policy}" if policy else "") + (", held" if hold else ""))
+
+
+def plan_release(redis_url: RedisUrl = None) -> None:
+    """Let the planner follow the observed traffic again after `graft plan apply --hold`."""
+    entry = _with_redis(redis_url, lambda r: admin.send_control(r, "release"))
+    console.print(f"release queued ({entry})")
+
+
 def dead_letters(redis_url: RedisUrl = None, count: Annotated[int, typer.Option()] = 20,
                  purge: Annotated[bool, typer.Option("--purge", help="delete them after listing")] = False) -> None:
     """Entries that could not be processed, with their error."""
@@ -219,3 +245,5 @@ def register(app: typer.Typer) -> None:
         app.add_typer(plan_app, name="plan")
     plan_app.command("show")(plan_show)
     plan_app.command("diff")(plan_diff)
+    plan_app.command("apply")(plan_apply)
+    plan_app.command("release")(plan_release)
