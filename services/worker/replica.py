@@ -5,7 +5,8 @@ cut, and any group of that model the agent hands it), warms up, registers as *st
 what the agent's assignments on its stdin say (``control.py``): read the assigned streams under the
 assigned consumer name, batch by deadline (``loop.BatchLoop``) at the assigned batch size and share,
 reply. A new assignment re-targets the running process — no model load, no cold start — which is how
-plan switches and takeovers of a dead replica's slot cost milliseconds instead of seconds.
+plan switches and takeovers of a dead replica's slot cost milliseconds instead of seconds. It reads
+its stdin from the start: an assignment that comes while it loads is applied once loaded.
 
 The share on a GPU (MPS thread percentage) is fixed for the process's life, before CUDA initialises;
 on a CPU the share is a thread count, applied with ``torch.set_num_threads`` whenever it changes.
@@ -14,7 +15,8 @@ A GPU placement never silently runs on the CPU: without CUDA the process exits w
 Pieces: ``feed.py`` (reading, reclaiming), ``loop.py`` (batching, execution), ``replying.py``
 (replies, acks, blobs), and this module (lifecycle, assignments, the registry heartbeat). It stops on
 the ``stop`` message, on end-of-file of its stdin (its agent is gone), or on SIGTERM: it stops
-reading, finishes what it holds, leaves the registry and exits 0.
+reading, finishes what it holds, leaves the registry and exits 0 — at once when that comes while it
+is still loading (it holds nothing yet; the loading thread is abandoned).
 """
 
 from __future__ import annotations
@@ -83,13 +85,12 @@ class Replica:
         self._batches_at_assign = 0
         self.health_port: int | None = None
         self.exit_code = EXIT_OK
+        self._early: Assignment | None = None  # received while loading
+        self.load_abandoned = False
 
     def stop(self) -> None:
-        if self.state == "starting":
-            # Still loading its model: it holds nothing (no stream, no entry) and the load cannot be
-            # interrupted, so leave now rather than make a stopping agent wait for the load to finish.
-            log.info("replica_stopping", replica=self.name, while_loading=True)
-            os._exit(EXIT_OK)
+        # While still loading, run() returns at once (``_load_unless_stopped``) and the process leaves
+        # without waiting for the load; never os._exit here: an in-process caller (a test) would go too.
         if not self._stop.is_set():
             log.info("replica_stopping", replica=self.name)
             self.state = "stopping"
@@ -110,18 +111,23 @@ class Replica:
         beat = asyncio.create_task(self._heartbeat(registry), name=f"{self.name}-heartbeat")
         helpers: list[asyncio.Task[None]] = []
         try:
-            await self._load(r)
-            assert self.loop is not None and self.feed is not None
-            self.state = "standby"
-            self._beat_now.set()  # loaded: the agent may hand it a slot
-            log.info(Event.SERVICE_STARTED, replica=self.name, device=self.device.name, share=self.share,
-                     metrics_port=health.port, latency=self.loop.latency.source)
-            helpers = [asyncio.create_task(self.feed.reap_forever(self._stop), name=f"{self.name}-reap")]
             if control is not None:
+                # From the start: a stop, or the agent's death (end of file), must not wait for the model.
                 helpers.append(asyncio.create_task(self._follow(control), name=f"{self.name}-control"))
-            for task in helpers:
-                task.add_done_callback(self._helper_done)
-            await self.loop.run(self._stop)
+                helpers[-1].add_done_callback(self._helper_done)
+            if not await self._load_unless_stopped(r):
+                log.info("replica_stopped_while_loading", replica=self.name)
+            else:
+                assert self.loop is not None and self.feed is not None
+                self.state = "standby"
+                self._beat_now.set()  # loaded: the agent may hand it a slot
+                log.info(Event.SERVICE_STARTED, replica=self.name, device=self.device.name, share=self.share,
+                         metrics_port=health.port, latency=self.loop.latency.source)
+                helpers.append(asyncio.create_task(self.feed.reap_forever(self._stop), name=f"{self.name}-reap"))
+                helpers[-1].add_done_callback(self._helper_done)
+                if self._early is not None:
+                    self.apply(self._early)
+                await self.loop.run(self._stop)
         except ReplicaConfigError as exc:
             log.error("replica_config_error", replica=self.name, error=str(exc))
             self.exit_code = EXIT_CONFIG
@@ -139,6 +145,22 @@ class Replica:
                 await r.aclose()
         log.info(Event.SERVICE_STOPPED, replica=self.name, exit_code=self.exit_code)
         return self.exit_code
+
+    async def _load_unless_stopped(self, r: Any) -> bool:
+        """Load the model; False when asked to stop first. Loading runs in a thread nobody can interrupt:
+        it is left behind (``load_abandoned``), and the process exits without waiting for it."""
+        load = asyncio.ensure_future(self._load(r))
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if load.done():
+            load.result()  # ReplicaConfigError
+            return True
+        load.cancel()
+        self.load_abandoned = True
+        return False
 
     def _helper_done(self, task: asyncio.Task[None]) -> None:
         """A helper that dies leaves a replica that looks alive but no longer reads: crash instead."""
@@ -211,7 +233,11 @@ class Replica:
                 break
             if msg.get("kind") == "assign":
                 try:
-                    self.apply(Assignment.from_wire(msg))
+                    a = Assignment.from_wire(msg)
+                    if self.state == "starting":
+                        self._early = a  # still loading: the newest one is applied once loaded
+                    else:
+                        self.apply(a)
                 except (KeyError, TypeError, ValueError) as exc:
                     log.error("bad_assignment", error=repr(exc))
         # end of file: the agent is gone (or asked us to stop)
@@ -297,7 +323,13 @@ async def _serve(replica: Replica) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, replica.stop)
     control = messages(await stdin_reader()) if not sys.stdin.isatty() else None
-    return await replica.run(control)
+    code = await replica.run(control)
+    if replica.load_abandoned:
+        # Stopped while loading: nothing was read, nothing is held. A normal exit would wait for the
+        # loading thread (the interpreter joins it), seconds to minutes for a large model.
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
