@@ -427,6 +427,8 @@ class Agent:
         """Which processes have loaded (they register as standby or serving)."""
         live = await self._replicas.live()
         self._ready_procs = {n for n, s in live.items() if n in self.procs and s.get("state") in ("standby", "serving")}
+        for name in self._ready_procs:
+            self.procs[name].loaded = True
 
     async def _drain(self) -> None:
         draining = {s for slot in self.slots for s in slot.draining}

@@ -52,6 +52,7 @@ class ReplicaProcess:
     assignment: Assignment | None = None
     seq: int = 0
     exit_code: int | None = None
+    loaded: bool = False  # the agent saw it in the registry (standby or serving)
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     _waiter: asyncio.Task[None] | None = None
 
@@ -99,8 +100,10 @@ class ReplicaProcess:
         return True
 
     async def stop(self) -> None:
-        """Ask the child to finish what it holds and exit (it also stops on end-of-file)."""
-        if not await self._send(STOP):
+        """Ask the child to finish what it holds and exit (it also stops on end-of-file). One that has not
+        loaded yet also gets SIGTERM: it may still be importing, seconds before it reads its stdin, and it
+        holds nothing to finish."""
+        if not await self._send(STOP) or not self.loaded:
             self.signal(signal.SIGTERM)
 
     def signal(self, sig: int) -> None:
