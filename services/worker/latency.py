@@ -5,8 +5,12 @@ The first guess is the profile's re-aligned latency at the group's share (design
 replica then corrects it with every measured batch, because the profile may come from another host,
 another resolution, or a CPU whose timings wander with the other processes on it:
 
-* a geometric EWMA of ``measured / predicted`` scales every prediction (robust to one slow outlier);
-* a small EWMA memo per exact composition answers repeated compositions directly.
+* the median of the last ``WINDOW`` ratios ``measured / predicted`` scales every prediction: a host
+  that became slower moves it within half a window, while batches that stalled behind another
+  process (a CPU shared with Redis, the ingress and the load generator spikes by 10× now and then)
+  do not move it at all — an average would, and would then drop requests early that had time;
+* a small memo per exact composition (the median of its last ``MEMO_RUNS`` runs) answers repeated
+  compositions directly.
 
 Without a usable profile entry (model missing, share off the grid) the base prediction is a work model
 ``k · Σ_c n_c·(N − c) + k · (N − c_min)`` — block-requests plus one launch per block — whose ``k``
@@ -17,7 +21,8 @@ torch, so it is unit-tested alone.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+import statistics
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -32,6 +37,8 @@ Counts = Mapping[int, int]
 
 DEFAULT_S_PER_UNIT = 0.5e-3  # a block-request on a small model on one CPU core, before any measurement
 MEMO_SIZE = 256
+WINDOW = 32
+MEMO_RUNS = 5
 
 
 def composition(counts: Counts) -> tuple[tuple[int, int], ...]:
@@ -68,7 +75,8 @@ class LatencyModel:
         units = work_units({prior_cut: max(1, prior_batch)}, n_blocks)
         self._s_per_unit = prior_ms / 1000.0 / units if prior_ms > 0 and units > 0 else DEFAULT_S_PER_UNIT
         self._log_ratio = 0.0
-        self._memo: OrderedDict[tuple[tuple[int, int], ...], float] = OrderedDict()
+        self._ratios: deque[float] = deque(maxlen=WINDOW)  # recent log ratios
+        self._memo: OrderedDict[tuple[tuple[int, int], ...], deque[float]] = OrderedDict()
         self.samples = 0
 
     @property
@@ -86,9 +94,9 @@ class LatencyModel:
         key = composition(counts)
         if not key:
             return 0.0
-        memo = self._memo.get(key)
-        if memo is not None:
-            return memo
+        runs = self._memo.get(key)
+        if runs:
+            return float(statistics.median(runs))
         return self.base_s(counts) * self.ratio
 
     __call__ = predict_s  # the batching policy's LatencyModel protocol: counts -> seconds
@@ -102,11 +110,11 @@ class LatencyModel:
             return
         base = self.base_s(counts)
         if base > 0:
-            # Geometric mean of the ratio: one batch that stalled behind another process moves it little.
-            step = math.log(measured_s / base) - self._log_ratio
-            self._log_ratio = max(-5.0, min(5.0, self._log_ratio + self.alpha * step))
-        old = self._memo.pop(key, None)
-        self._memo[key] = measured_s if old is None else (1 - self.alpha) * old + self.alpha * measured_s
+            self._ratios.append(max(-5.0, min(5.0, math.log(measured_s / base))))
+            self._log_ratio = float(statistics.median(self._ratios))
+        runs = self._memo.pop(key, None) or deque(maxlen=MEMO_RUNS)
+        runs.append(measured_s)
+        self._memo[key] = runs
         while len(self._memo) > MEMO_SIZE:
             self._memo.popitem(last=False)
         self.samples += 1
@@ -115,6 +123,7 @@ class LatencyModel:
     def carry_from(self, other: LatencyModel) -> None:
         """Keep what ``other`` learnt of this host's speed (same model, same share, same process)."""
         self._log_ratio, self.samples = other._log_ratio, other.samples
+        self._ratios = deque(other._ratios, maxlen=WINDOW)
 
 
 def load_profile_model(settings: Settings, model: str, plan_profile: str | None = None) -> ModelProfile | None:
