@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -415,6 +416,8 @@ class IngressService:
                 self._every(self.trim_interval_s, stop, self.trim_ingress),
                 reaper.run(stop),
             )]
+            gc.collect()
+            gc.freeze()  # the catalog and libraries stay: spare every later collection scanning them
             self.ready.set()
             await consumer.run(self.handle_batch, stop=stop, auto_ack=False)
         finally:

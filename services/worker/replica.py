@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -201,6 +202,10 @@ class Replica:
         except (GraftError, ValueError) as exc:
             raise ReplicaConfigError(f"cannot build {self.model}: {exc}") from exc
         await asyncio.to_thread(self._warm_up, runner)
+        # The model and the libraries are loaded for good: keep the collector from rescanning them
+        # (a full collection over a model's objects pauses the event loop for tens of milliseconds).
+        gc.collect()
+        gc.freeze()
         self.runner = runner
         self._profile = load_profile_model(self.settings, self.model)
         latency = latency_model(self._profile, runner.n_blocks, self.share)
