@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from services.worker.assignment import consumer_name
 from services.worker.device import Device, DeviceError, discover, mps_running, nvml_gpu_count, share_env
-from services.worker.supervisor import ReplicaSlot
+from services.worker.process import ReplicaProcess
 
 
 def test_gpu_child_gets_its_gpu_and_mps_share_before_cuda_starts() -> None:
@@ -31,13 +32,12 @@ def test_impossible_shares_are_refused(device: Device, share: int) -> None:
         share_env(device, share, {})
 
 
-def test_replica_command_line_names_its_slot() -> None:
-    slot = ReplicaSlot(epoch=4, group="g2", device=Device("gpu", 1), index=3, share=40)
-    assert slot.consumer == "gpu1-g2-3"
-    argv = slot.argv("py", metrics_port=9100)
+def test_replica_command_line_names_its_device_model_and_share() -> None:
+    assert consumer_name("gpu1", "resnet18", 3) == "gpu1-resnet18-3"  # a slot: device, model, index
+    argv = ReplicaProcess("agent/5", Device("gpu", 1), "resnet18", 40, {}, python="py", metrics_port=9100).argv()
     assert argv[:3] == ["py", "-m", "services.worker.replica"]
     assert dict(zip(argv[3::2], argv[4::2], strict=True)) == {
-        "--epoch": "4", "--group": "g2", "--device": "gpu1", "--index": "3", "--share": "40", "--metrics-port": "9100"}
+        "--name": "agent/5", "--device": "gpu1", "--model": "resnet18", "--share": "40", "--metrics-port": "9100"}
 
 
 def test_discovery_degrades_to_cpu_without_gpus() -> None:
@@ -81,9 +81,8 @@ def test_host_qualified_names_keep_the_local_index() -> None:
     # the part after the slash is what the host knows: CUDA index 1, whatever the node
     env = share_env(d, 30, {})
     assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "30"
-    slot = ReplicaSlot(epoch=4, group="g2", device=d, index=3, share=40)
-    assert slot.consumer == "gpu-host-1/gpu1-g2-3"
-    argv = slot.argv("py")
+    assert consumer_name(d.name, "resnet18", 3) == "gpu-host-1/gpu1-resnet18-3"
+    argv = ReplicaProcess("x/0", d, "resnet18", 40, {}, python="py").argv()
     assert argv[argv.index("--device") + 1] == "gpu-host-1/gpu1"
 
 
