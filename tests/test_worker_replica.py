@@ -1,15 +1,16 @@
-"""The worker replica: re-aligned batches over a real group stream, deadlines, recovery, drain.
+"""The replica against a real Redis: re-aligned batches, exact results, blobs, deadlines, recovery, and
+the assignments that re-target it (consumer, streams, batch size, share, standby, stop).
 
-The replica runs in-process (its ``run`` coroutine as a task) against the session's private Redis;
-requests are written to its group stream exactly as the ingress writes them, and replies are read
-back from the client's reply stream and compared with the whole model run locally.
+The replica runs in-process (its ``run`` coroutine as a task, fed assignments through a queue standing
+in for its stdin); requests are written to group streams as the ingress writes them, and the raw reply
+streams are read back and compared with the whole model run locally.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -17,26 +18,38 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from structlog.testing import capture_logs
 
 from common.contract import keys, wire
 from common.contract.errors import ErrorCode
-from common.contract.routing import GroupSpec, PlanView
 from common.metrics import REGISTRY, http_get
-from common.model.zoo import build_blocks, describe
-from common.profiles import make_profile
+from common.model.zoo import build_blocks
 from common.settings import Settings
-from common.store.plan_store import publish_plan
+from common.store.backlog import read_backlog
+from common.store.reaper import Reaper
 from common.store.streams import ensure_group, list_dead_letters
-from services.worker.drain import Backlog, find_plan, is_drained
-from services.worker.intake import Intake, Job, Rejection
-from services.worker.latency import LatencyModel, load_latency_model, work_units
-from services.worker.loop import BatchLoop, Done
+from services.worker import replica as replica_mod
+from services.worker.control import STOP, Assignment, Task
+from services.worker.feed import Feed
 from services.worker.replica import Replica
-from tests.helpers import run_blocks
+from tests.helpers import until
+from tests.worker_helpers import (
+    blob_request,
+    live_replicas,
+    put,
+    put_blobs,
+    raw_replies,
+    replies,
+    until_async,
+)
+from tests.worker_helpers import request as make_request
 
-MODEL, RES, CLIENT = "resnet18", 32, "client-1"
+pytestmark = pytest.mark.timeout(60)
+
+MODEL, RES = "resnet18", 32
 CUTS = (0, 4, 8)
-GROUP = "g0"
+CONSUMER = "cpu0-resnet18-0"
+S1 = keys.group_stream(1, "g0")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -49,233 +62,103 @@ def blocks() -> list[torch.nn.Module]:
     return build_blocks(MODEL, resolution=RES, seed=0)
 
 
-def plan(epoch: int = 1, *, batch: int = 8, cuts: Sequence[int] = CUTS) -> dict[str, Any]:
-    return {
-        "epoch": epoch, "policy": "test", "profile": None, "rho": 0.9,
-        "groups": [{"id": GROUP, "model": MODEL, "fragments": [[MODEL, c] for c in cuts], "cuts": list(cuts),
-                    "batch": batch, "share": 1, "replicas": 1, "latency_ms": 20.0, "rate_rps": 10.0,
-                    "min_budget_ms": 100.0}],
-        "infeasible": [], "placement": [{"device": "cpu0", "replicas": [{"group": GROUP, "share": 1}]}],
-        "total_share": 1, "gpus": 0, "routes": {},
-    }
+def request(blocks: list[torch.nn.Module], req_id: str, cut: int, seed: int, **kw: Any) -> tuple[bytes, np.ndarray]:
+    return make_request(blocks, MODEL, req_id, cut, seed, res=RES, **kw)
+
+
+def blob(blocks: list[torch.nn.Module], req_id: str, cut: int, seed: int, **kw: Any) -> tuple[bytes, bytes, np.ndarray]:
+    return blob_request(blocks, MODEL, req_id, cut, seed, res=RES, **kw)
 
 
 def settings(url: str) -> Settings:
     return Settings(redis_url=url, resolution=RES, models=(MODEL,), max_deliveries=2, block_ms=50)
 
 
-def sample(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((3, RES, RES)).astype(np.float32)
+def task(epoch: int = 1, gid: str = "g0", *, batch: int = 8, latency_ms: float = 20.0,
+         cuts: Sequence[int] = CUTS) -> Task:
+    return Task(epoch, gid, keys.group_stream(epoch, gid), batch, latency_ms, tuple(cuts))
 
 
-def request(blocks: list[torch.nn.Module], req_id: str, cut: int, seed: int, *, budget_ms: float = 5000.0,
-            age_s: float = 0.0) -> tuple[bytes, np.ndarray]:
-    """The entry the ingress would write for a device that ran blocks 0..cut-1, and the expected output."""
-    x = sample(seed)
-    received = time.time() - age_s
-    req = wire.Request(req_id=req_id, client=CLIENT, model=MODEL, cut=cut, tensor=run_blocks(blocks, x, 0, cut),
-                       budget_ms=budget_ms, received=received, deadline=received + budget_ms / 1000.0)
-    return wire.encode_request(req), run_blocks(blocks, x, 0, len(blocks))
+def serving(t: Task, *draining: str, consumer: str = CONSUMER, share: int = 1) -> Assignment:
+    return Assignment(0, consumer, share, t, (t.stream, *draining))
 
 
-def blob_request(blocks: list[torch.nn.Module], req_id: str, cut: int, seed: int, *, budget_ms: float = 5000.0,
-                 age_s: float = 0.0) -> tuple[bytes, bytes, np.ndarray]:
-    """Like ``request``, with the tensor in a blob: the entry, the blob's bytes, the expected output."""
-    x = sample(seed)
-    received = time.time() - age_s
-    meta, data = wire.tensor_bytes(run_blocks(blocks, x, 0, cut))
-    req = wire.Request(req_id=req_id, client=CLIENT, model=MODEL, cut=cut, tensor=None, budget_ms=budget_ms,
-                       received=received, deadline=received + budget_ms / 1000.0, blob=keys.blob(req_id),
-                       blob_meta=meta)
-    return wire.encode_request(req), data, run_blocks(blocks, x, 0, len(blocks))
+class Control:
+    """The replica's stdin: assignments in, ``close()`` is end-of-file."""
+
+    def __init__(self) -> None:
+        self.q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.seq = 0
+
+    def send(self, a: Assignment) -> None:
+        self.seq += 1
+        self.q.put_nowait(Assignment(self.seq, a.consumer, a.share, a.active, a.streams, a.latency_scale).to_wire())
+
+    def stop(self) -> None:
+        self.q.put_nowait(dict(STOP))
+
+    def close(self) -> None:
+        self.q.put_nowait(None)
+
+    async def messages(self) -> AsyncIterator[dict[str, Any]]:
+        while (msg := await self.q.get()) is not None:
+            yield msg
 
 
-async def put_blobs(r: Any, blobs: dict[str, bytes]) -> None:
-    async with r.pipeline(transaction=False) as pipe:
-        for req_id, data in blobs.items():
-            pipe.set(keys.blob(req_id), data, px=60_000)
-        await pipe.execute()
-
-
-async def put(r: Any, payloads: Sequence[bytes], epoch: int = 1) -> list[str]:
-    """XADD atomically (MULTI), so a blocked replica reads the whole burst at once."""
-    async with r.pipeline(transaction=True) as pipe:
-        for p in payloads:
-            pipe.xadd(keys.group_stream(epoch, GROUP), {keys.FIELD: p})
-        ids = await pipe.execute()
-    return [i.decode() for i in ids]
-
-
-async def replies(r: Any, n: int, timeout: float = 20.0) -> dict[str, wire.Reply]:
-    out: dict[str, wire.Reply] = {}
-    last = "0-0"
-    deadline = time.monotonic() + timeout
-    while len(out) < n:
-        assert time.monotonic() < deadline, f"only {len(out)} of {n} replies arrived"
-        resp = await r.xread({keys.reply_stream(CLIENT): last}, block=200)
-        for _stream, rows in resp or []:
-            for entry_id, fields in rows:
-                last = entry_id
-                rep = wire.decode_reply(fields[keys.FIELD])
-                out[rep.req_id] = rep
-    return out
+async def start(url: str, assignment: Assignment | None, **kw: Any) -> tuple[Replica, asyncio.Task[int], Control]:
+    replica = Replica(settings(url), name=kw.pop("name", "rep"), device="cpu0", model=MODEL, share=1, **kw)
+    control = Control()
+    run = asyncio.create_task(replica.run(control.messages()))
+    deadline = time.monotonic() + 30
+    while replica.state != "standby":
+        assert not run.done(), f"replica exited early: {run.result()}"
+        assert time.monotonic() < deadline, "replica did not load"
+        await asyncio.sleep(0.02)
+    if assignment is not None:
+        control.send(assignment)
+        await until(lambda: replica.assignment is not None and replica.assignment.seq == control.seq, 5, "assigned")
+    return replica, run, control
 
 
 @contextlib.asynccontextmanager
-async def running(url: str, **kw: Any) -> AsyncIterator[tuple[Replica, asyncio.Task[int]]]:
-    replica = Replica(settings(url), epoch=kw.pop("epoch", 1), group=GROUP, device="cpu0", index=0, **kw)
-    task = asyncio.create_task(replica.run())
-    deadline = time.monotonic() + 30
-    while replica.state != "serving":
-        assert not task.done(), f"replica exited early: {task.result()}"
-        assert time.monotonic() < deadline, "replica did not start"
-        await asyncio.sleep(0.02)
+async def running(url: str, assignment: Assignment | None = None,
+                  **kw: Any) -> AsyncIterator[tuple[Replica, asyncio.Task[int], Control]]:
+    replica, run, control = await start(url, assignment if assignment is not None else serving(task()), **kw)
     try:
-        yield replica, task
+        yield replica, run, control
     finally:
-        replica.stop()
-        await asyncio.wait_for(task, 20)
+        control.close()
+        assert await asyncio.wait_for(run, 20) == 0
 
 
-# ------------------------------------------------------------------------------------ pure parts
+def exact(rep: wire.Reply, expected: np.ndarray) -> None:
+    assert rep.ok and rep.tensor is not None, rep.error
+    np.testing.assert_allclose(rep.tensor, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_latency_model_follows_measurements() -> None:
-    batches, shares = [1, 2, 4, 8], [1, 2]
-    blocks = [{"name": f"b{j}", "out_bytes": 4, "flops": 1,
-               "latency_ms": [[float(b), float(b) / 2] for b in batches]} for j in range(4)]
-    prof = make_profile("measured", "cpu", "cpu_threads", batches, shares,
-                        {"m": {"input_shape": [1], "input_bytes": 4, "blocks": blocks}}).model("m")
-    lat = LatencyModel(4, profile=prof, share=1)
-    assert lat.source == "profile"
-    # Re-aligned: 2 requests join at cut 0 (b=2 for blocks 0..1), 2 more at cut 2 (b=4 for blocks 2..3).
-    assert lat.predict_ms({0: 2, 2: 2}) == pytest.approx(2 + 2 + 4 + 4)
-    for _ in range(30):
-        lat.observe({0: 1}, 0.008)  # the host is twice as slow as the profile says (4 ms predicted)
-    assert lat.ratio == pytest.approx(2.0, rel=0.05)
-    assert lat.predict_ms({0: 4}) == pytest.approx(2 * 16, rel=0.05)  # unseen composition: scaled
-    assert lat.predict_ms({0: 1}) == pytest.approx(8.0, rel=0.01)  # seen composition: its own EWMA
-    off_grid = LatencyModel(4, profile=prof, share=3, prior_ms=10.0, prior_batch=1, prior_cut=0)
-    assert off_grid.source == "online" and "share" in off_grid.fallback_reason
-    assert off_grid.predict_ms({0: 1}) == pytest.approx(10.0)
-    assert off_grid.predict_ms({0: 2}) > off_grid.predict_ms({0: 1}) > off_grid.predict_ms({3: 1})
-    assert work_units({0: 2, 2: 1}, 4) == 2 * 4 + 2 + 4
-
-
-def test_latency_model_comes_from_the_shipped_profile_when_it_fits() -> None:
-    view = PlanView({**plan(), "profile": "v100-estimated"})
-    spec = view.groups[GROUP]
-    on_cpu = load_latency_model(Settings(), view, spec, 14)  # share 1 is not a GPU grid share
-    assert on_cpu.source == "online" and "share" in on_cpu.fallback_reason
-    gpu_spec = dataclasses.replace(spec, share=50)
-    on_gpu = load_latency_model(Settings(), view, gpu_spec, 14)
-    assert on_gpu.source == "profile" and on_gpu.predict_ms({4: 2, 8: 2}) > on_gpu.predict_ms({8: 2}) > 0
-    missing = load_latency_model(Settings(profile="/nonexistent/profile.json"), view, gpu_spec, 14)
-    assert missing.source == "online"
-
-
-def test_a_retired_stream_is_drained_only_when_empty_and_quiet() -> None:
-    last_ms = 1_000_000
-    idle = Backlog(0, 0, f"{last_ms}-3")
-    assert is_drained(idle, now_ms=last_ms + 1000, quiet_s=1.0)
-    assert not is_drained(idle, now_ms=last_ms + 999, quiet_s=1.0)  # the ingress may still be switching
-    assert not is_drained(Backlog(1, 0, f"{last_ms}-3"), now_ms=last_ms + 10_000, quiet_s=1.0)  # unread
-    assert not is_drained(Backlog(0, 2, f"{last_ms}-3"), now_ms=last_ms + 10_000, quiet_s=1.0)  # unacked
-    assert is_drained(None, now_ms=0, quiet_s=1.0)  # the stream is gone already
-
-
-def test_intake_rejects_what_the_runner_cannot_take(blocks: list[torch.nn.Module]) -> None:
-    spec = GroupSpec(GROUP, MODEL, (4, 8), 4, 1, 1, 20.0, 100.0, 1.0)
-    intake = Intake(describe(MODEL, RES), spec)
-    good, _ = request(blocks, "ok", 8, 1)
-    job = intake.admit("1-0", good)
-    assert isinstance(job, Job) and job.pending.cut == 8 and job.pending.req_id == "1-0"
-    low, _ = request(blocks, "low", 0, 1)  # below the group's first block
-    bad_cut = intake.admit("2-0", low)
-    assert isinstance(bad_cut, Rejection) and bad_cut.error.code == ErrorCode.BAD_CUT and bad_cut.req_id == "low"
-    wrong = wire.encode_request(wire.Request("shape", CLIENT, MODEL, 4, np.zeros((3, 3), np.float32), budget_ms=9))
-    rej = intake.admit("3-0", wrong)
-    assert isinstance(rej, Rejection) and rej.error.code == ErrorCode.BAD_TENSOR and rej.client == CLIENT
-    garbage = intake.admit("4-0", b"\x93not a request")
-    assert isinstance(garbage, Rejection) and garbage.req_id is None
-
-
-def test_intake_takes_blob_requests_on_metadata_and_attaches_a_copy(blocks: list[torch.nn.Module]) -> None:
-    spec = GroupSpec(GROUP, MODEL, (4, 8), 4, 1, 1, 20.0, 100.0, 1.0)
-    intake = Intake(describe(MODEL, RES), spec)
-    payload, data, _ = blob_request(blocks, "b", 8, 1)
-    job = intake.admit("1-0", payload)
-    assert isinstance(job, Job) and job.needs_blob and job.blob == keys.blob("b")
-    buf = bytearray(data)
-    attached = intake.attach(job, buf)
-    assert attached is job and not job.needs_blob and job.request.tensor is not None
-    t = job.request.tensor
-    assert t.shape == describe(MODEL, RES).cut_shape(8) and t.flags.owndata and t.flags.writeable
-    buf[:4] = b"\xff" * 4
-    assert t.reshape(-1)[0] == np.frombuffer(data[:4], np.float32)[0]  # a copy, not a view of the buffer
-    gone = intake.attach(intake.admit("2-0", payload), None)  # type: ignore[arg-type]
-    assert isinstance(gone, Rejection) and gone.error.code == ErrorCode.BAD_TENSOR and gone.blob == keys.blob("b")
-    short = intake.attach(intake.admit("3-0", payload), data[:-4])  # type: ignore[arg-type]
-    assert isinstance(short, Rejection) and short.error.details["got"] == len(data) - 4
-    late = intake.admit("4-0", blob_request(blocks, "late", 8, 1, budget_ms=10, age_s=1.0)[0])
-    assert isinstance(late, Job) and Intake.blob_expired(late, None, time.time())
-    assert not Intake.blob_expired(late, data, time.time()) and not Intake.blob_expired(job, None, time.time())
-    wrong, _, _ = blob_request(blocks, "w", 4, 1)  # cut 4's shape...
-    obj = wire.decode_request(wrong)
-    obj.cut = 8  # ...sent for cut 8
-    rej = intake.admit("5-0", wire.encode_request(obj))
-    assert isinstance(rej, Rejection) and rej.error.code == ErrorCode.BAD_TENSOR and rej.blob == keys.blob("w")
-
-
-class _Broken:
-    def run_numpy(self, items: Sequence[tuple[int, Any]]) -> list[np.ndarray]:
-        raise RuntimeError("device fell off the bus")
-
-
-async def test_a_failing_batch_answers_internal(blocks: list[torch.nn.Module]) -> None:
-    spec = GroupSpec(GROUP, MODEL, (4,), 2, 1, 1, 20.0, 100.0, 1.0)
-    intake = Intake(describe(MODEL, RES), spec)
-    sent: list[Done] = []
-
-    async def sink(done: list[Done]) -> None:
-        sent.extend(done)
-
-    loop = BatchLoop(_Broken(), LatencyModel(14, prior_ms=1.0), sink, max_batch=2, epoch=3, group=GROUP)
-    for i in range(2):
-        job = intake.admit(f"{i}-1", request(blocks, f"r{i}", 4, i)[0])
-        assert isinstance(job, Job)
-        loop.add(job)
-    stop = asyncio.Event()
-    stop.set()  # serve what is queued, then return
-    await asyncio.wait_for(loop.run(stop), 10)
-    assert sorted(d.entry_id for d in sent) == ["0-1", "1-1"] and loop.idle
-    for d in sent:
-        assert not d.reply.ok and d.reply.error is not None and d.reply.error.code == ErrorCode.INTERNAL
-        assert "fell off the bus" in d.reply.error.message and d.reply.batch == 2 and d.reply.epoch == 3
-
-
-# ------------------------------------------------------------------------------ against Redis
+# ---------------------------------------------------------------------------------------- serving
 
 
 async def test_mixed_cuts_are_batched_realigned_and_exact(redis: Any, redis_url: str,
                                                           blocks: list[torch.nn.Module]) -> None:
-    await publish_plan(redis, plan())
-    met_before = REGISTRY.get_sample_value("graft_slo_total", {"group": GROUP, "met": "true"}) or 0.0
-    async with running(redis_url) as (replica, _task):
+    met_before = REGISTRY.get_sample_value("graft_slo_total", {"group": "g0", "met": "true"}) or 0.0
+    async with running(redis_url) as (replica, _run, _control):
         burst = [request(blocks, f"r{i}", CUTS[i % 3], i) for i in range(16)]
-        await put(redis, [p for p, _ in burst])
+        await put(redis, S1, [p for p, _ in burst])
         got = await replies(redis, 16)
         assert replica.health_port is not None
         status, body = await http_get("127.0.0.1", replica.health_port, "/metrics")
         assert status == 200 and b'graft_batch_size_bucket{group="g0"' in body
         assert (await http_get("127.0.0.1", replica.health_port, "/readyz"))[0] == 200
-    met = (REGISTRY.get_sample_value("graft_slo_total", {"group": GROUP, "met": "true"}) or 0.0) - met_before
+        live = (await live_replicas(redis))["rep"]
+        assert live["state"] == "serving" and live["streams"] == [S1] and live["consumer"] == CONSUMER
+        assert live["epoch"] == 1 and live["group"] == "g0" and live["batch"] == 8
+    met = (REGISTRY.get_sample_value("graft_slo_total", {"group": "g0", "met": "true"}) or 0.0) - met_before
     assert met == 16
     for i, (_, expected) in enumerate(burst):
         rep = got[f"r{i}"]
-        assert rep.ok and rep.tensor is not None, rep.error
-        np.testing.assert_allclose(rep.tensor, expected, rtol=1e-4, atol=1e-5)
-        assert rep.epoch == 1 and rep.group == GROUP and rep.server_ms > 0
+        exact(rep, expected)
+        assert rep.epoch == 1 and rep.group == "g0" and rep.server_ms > 0 and rep.source == f"r{i}-src"
         assert rep.timings is not None and rep.timings["compute_ms"] > 0
         parts = rep.timings["queue_ms"] + rep.timings["wait_ms"] + rep.timings["compute_ms"]
         assert parts <= rep.server_ms + 1.0  # the parts never exceed the whole (ms rounding aside)
@@ -283,47 +166,44 @@ async def test_mixed_cuts_are_batched_realigned_and_exact(redis: Any, redis_url:
     big = [i for i in range(16) if (got[f"r{i}"].batch or 0) > 1]
     assert len({CUTS[i % 3] for i in big}) > 1, "a multi-request batch mixed cuts (re-aligned)"
     assert replica.loop is not None and replica.loop.latency.samples >= 1
-    group = next(g for g in await redis.xinfo_groups(keys.group_stream(1, GROUP)))
-    assert group["pending"] == 0
+    assert (await redis.xpending(S1, keys.WORKER_GROUP))["pending"] == 0
+    assert "rep" not in await live_replicas(redis)  # left the registry on its way out
 
 
 async def test_blob_requests_are_served_exactly_and_their_blobs_deleted(redis: Any, redis_url: str,
                                                                         blocks: list[torch.nn.Module]) -> None:
-    await publish_plan(redis, plan())
-    async with running(redis_url) as (replica, _task):
+    async with running(redis_url) as (replica, _run, _control):
+        assert replica.feed is not None
         fetches: list[int] = []
-        fetch = replica._fetch_blobs
+        fetch = replica.feed._fetch_blobs
 
-        async def counting(jobs: list[Job]) -> list[Any]:
+        async def counting(jobs: list[Any]) -> list[Any]:
             fetches.append(len(jobs))
             return await fetch(jobs)
 
-        replica._fetch_blobs = counting  # type: ignore[method-assign]
-        blobbed = [blob_request(blocks, f"b{i}", CUTS[i % 3], 60 + i) for i in range(6)]
+        replica.feed._fetch_blobs = counting  # type: ignore[method-assign]
+        blobbed = [blob(blocks, f"b{i}", CUTS[i % 3], 60 + i) for i in range(6)]
         inline = [request(blocks, f"i{i}", CUTS[i % 3], 70 + i) for i in range(4)]
         await put_blobs(redis, {f"b{i}": data for i, (_, data, _) in enumerate(blobbed)})
-        await put(redis, [p for p, _, _ in blobbed] + [p for p, _ in inline])
+        await put(redis, S1, [p for p, _, _ in blobbed] + [p for p, _ in inline])
         got = await replies(redis, 10)
     for rid, expected in [*((f"b{i}", e) for i, (_, _, e) in enumerate(blobbed)),
                           *((f"i{i}", e) for i, (_, e) in enumerate(inline))]:
-        rep = got[rid]
-        assert rep.ok and rep.tensor is not None, (rid, rep.error)
-        np.testing.assert_allclose(rep.tensor, expected, rtol=1e-4, atol=1e-5)
+        exact(got[rid], expected)
     assert sum(fetches) == 6 and len(fetches) < 6, f"blobs fetched per read, not per request: {fetches}"
     assert not await redis.exists(*(keys.blob(f"b{i}") for i in range(6)))  # deleted with the replies
-    assert (await redis.xpending(keys.group_stream(1, GROUP), keys.WORKER_GROUP))["pending"] == 0
+    assert (await redis.xpending(S1, keys.WORKER_GROUP))["pending"] == 0
 
 
 async def test_gone_or_wrong_blobs_are_answered_and_cleaned_up(redis: Any, redis_url: str,
                                                              blocks: list[torch.nn.Module]) -> None:
-    await publish_plan(redis, plan())
     async with running(redis_url):
-        gone, _, _ = blob_request(blocks, "gone", 4, 1)  # never written (or deleted) before its deadline
-        late, _, _ = blob_request(blocks, "late", 4, 2, budget_ms=200, age_s=1.0)  # expired with the deadline
-        short, data, _ = blob_request(blocks, "short", 4, 3)
-        fine, fine_data, expected = blob_request(blocks, "fine", 8, 4)
+        gone, _, _ = blob(blocks, "gone", 4, 1)  # never written (or deleted) before its deadline
+        late, _, _ = blob(blocks, "late", 4, 2, budget_ms=200, age_s=1.0)  # expired with the deadline
+        short, data, _ = blob(blocks, "short", 4, 3)
+        fine, fine_data, expected = blob(blocks, "fine", 8, 4)
         await put_blobs(redis, {"short": data[:-4], "fine": fine_data})
-        await put(redis, [gone, late, short, fine])
+        await put(redis, S1, [gone, late, short, fine])
         got = await replies(redis, 4)
     codes = {rid: rep.error.code if rep.error else "ok" for rid, rep in got.items()}
     assert codes == {"gone": ErrorCode.BAD_TENSOR, "late": ErrorCode.DEADLINE_EXCEEDED,
@@ -331,40 +211,18 @@ async def test_gone_or_wrong_blobs_are_answered_and_cleaned_up(redis: Any, redis
     short_err = got["short"].error
     assert short_err is not None and short_err.details["expected"] == len(data)
     assert short_err.details["got"] == len(data) - 4
-    np.testing.assert_allclose(got["fine"].tensor, expected, rtol=1e-4, atol=1e-5)
+    exact(got["fine"], expected)
     assert not await redis.exists(keys.blob("short"), keys.blob("fine"))
-
-
-async def test_blob_entries_survive_a_crash_and_are_recovered(redis: Any, redis_url: str,
-                                                             blocks: list[torch.nn.Module]) -> None:
-    await publish_plan(redis, plan(batch=2))
-    stream = keys.group_stream(1, GROUP)
-    await ensure_group(redis, stream, keys.WORKER_GROUP)
-    work = [blob_request(blocks, f"c{i}", CUTS[i % 3], 80 + i) for i in range(4)]
-    await put_blobs(redis, {f"c{i}": data for i, (_, data, _) in enumerate(work)})
-    await put(redis, [p for p, _, _ in work])
-    # This replica's previous incarnation took two, a replica that is gone for good took the others.
-    await redis.xreadgroup(keys.WORKER_GROUP, "cpu0-g0-0", {stream: ">"}, count=2)
-    await redis.xreadgroup(keys.WORKER_GROUP, "cpu0-g0-7", {stream: ">"}, count=2)
-    assert await redis.exists(*(keys.blob(f"c{i}") for i in range(4))) == 4  # nobody deleted them early
-    async with running(redis_url, reap_idle_ms=300) as (replica, _task):
-        got = await replies(redis, 4)
-        assert replica.reclaimed == 2
-    for i, (_, _, expected) in enumerate(work):
-        assert got[f"c{i}"].ok, got[f"c{i}"].error
-        np.testing.assert_allclose(got[f"c{i}"].tensor, expected, rtol=1e-4, atol=1e-5)
-    assert not await redis.exists(*(keys.blob(f"c{i}") for i in range(4)))
-    assert (await redis.xpending(stream, keys.WORKER_GROUP))["pending"] == 0
+    assert (await redis.xpending(S1, keys.WORKER_GROUP))["pending"] == 0
 
 
 async def test_expired_and_hopeless_requests_get_deadline_exceeded(redis: Any, redis_url: str,
                                                                     blocks: list[torch.nn.Module]) -> None:
-    await publish_plan(redis, plan())
     async with running(redis_url):
         late, _ = request(blocks, "late", 0, 1, budget_ms=500, age_s=1.0)  # deadline already passed
         hopeless, _ = request(blocks, "hopeless", 0, 2, budget_ms=0.001)  # no time to run even alone
-        fine, _ = request(blocks, "fine", 8, 3, budget_ms=600)  # alone: launches once its slack runs out
-        await put(redis, [late, hopeless, fine])
+        fine, _ = request(blocks, "fine", 8, 3, budget_ms=600)
+        await put(redis, S1, [late, hopeless, fine])
         got = await replies(redis, 3)
     for rid in ("late", "hopeless"):
         assert not got[rid].ok and got[rid].error is not None
@@ -372,42 +230,88 @@ async def test_expired_and_hopeless_requests_get_deadline_exceeded(redis: Any, r
     assert got["fine"].ok
 
 
+async def test_poison_and_malformed_entries(redis: Any, redis_url: str, blocks: list[torch.nn.Module]) -> None:
+    await ensure_group(redis, S1, keys.WORKER_GROUP)
+    poison, _ = request(blocks, "poison", 4, 20)
+    [poison_id] = await put(redis, S1, [poison])
+    await redis.xreadgroup(keys.WORKER_GROUP, "cpu0-resnet18-7", {S1: ">"}, count=1)
+    # Delivered many times already (each earlier holder crashed on it).
+    await redis.xclaim(S1, keys.WORKER_GROUP, "cpu0-resnet18-7", 0, [poison_id], retrycount=5, justid=True)
+    async with running(redis_url) as (replica, run, _control):
+        bad_shape = wire.encode_request(wire.Request("bad", "client-1", MODEL, 4, np.zeros((2, 2), np.float32),
+                                                     budget_ms=1000, received=time.time(),
+                                                     deadline=time.time() + 1))
+        good, expected = request(blocks, "good", 8, 21, budget_ms=600)
+        await put(redis, S1, [b"\x00garbage", bad_shape, good])
+        got = await replies(redis, 3)  # the poison one is reclaimed once idle for 0.5 s
+        assert not run.done()
+        assert replica.feed is not None and replica.feed.dead_lettered == 2
+    assert got["bad"].error is not None and got["bad"].error.code == ErrorCode.BAD_TENSOR
+    exact(got["good"], expected)
+    assert got["poison"].error is not None and got["poison"].error.code == ErrorCode.INTERNAL
+    dead = await list_dead_letters(redis, S1)
+    assert {d.entry_id for d in dead} >= {poison_id} and len(dead) == 2  # the poison and the garbage
+    assert (await redis.xpending(S1, keys.WORKER_GROUP))["pending"] == 0
+
+
+# --------------------------------------------------------------------------------------- recovery
+
+
+async def test_blob_entries_survive_a_crash_and_are_recovered(redis: Any, redis_url: str,
+                                                             blocks: list[torch.nn.Module]) -> None:
+    await ensure_group(redis, S1, keys.WORKER_GROUP)
+    work = [blob(blocks, f"c{i}", CUTS[i % 3], 80 + i) for i in range(4)]
+    await put_blobs(redis, {f"c{i}": data for i, (_, data, _) in enumerate(work)})
+    await put(redis, S1, [p for p, _, _ in work])
+    # This slot's previous process took two, a replica that is gone for good took the others.
+    await redis.xreadgroup(keys.WORKER_GROUP, CONSUMER, {S1: ">"}, count=2)
+    await redis.xreadgroup(keys.WORKER_GROUP, "cpu0-resnet18-7", {S1: ">"}, count=2)
+    assert await redis.exists(*(keys.blob(f"c{i}") for i in range(4))) == 4  # nobody deleted them early
+    async with running(redis_url, serving(task(batch=2))) as (replica, _run, _control):
+        got = await replies(redis, 4)
+        assert replica.feed is not None and replica.feed.reclaimed == 2
+    for i, (_, _, expected) in enumerate(work):
+        exact(got[f"c{i}"], expected)
+    assert not await redis.exists(*(keys.blob(f"c{i}") for i in range(4)))
+    assert (await redis.xpending(S1, keys.WORKER_GROUP))["pending"] == 0
+
+
 async def test_reaper_recovers_entries_of_a_dead_consumer(redis: Any, redis_url: str,
                                                          blocks: list[torch.nn.Module]) -> None:
-    await publish_plan(redis, plan(batch=3))
-    stream = keys.group_stream(1, GROUP)
-    await ensure_group(redis, stream, keys.WORKER_GROUP)
+    await ensure_group(redis, S1, keys.WORKER_GROUP)
     held = [request(blocks, f"held{i}", CUTS[i], 10 + i) for i in range(3)]
-    await put(redis, [p for p, _ in held])
+    await put(redis, S1, [p for p, _ in held])
     # A replica that took three entries and died before acking them.
-    taken = await redis.xreadgroup(keys.WORKER_GROUP, "cpu0-g0-7", {stream: ">"}, count=3)
+    taken = await redis.xreadgroup(keys.WORKER_GROUP, "cpu0-resnet18-7", {S1: ">"}, count=3)
     assert len(taken[0][1]) == 3
-    async with running(redis_url, reap_idle_ms=300) as (replica, _task):
+    async with running(redis_url, serving(task(batch=3))) as (replica, _run, _control):
         got = await replies(redis, 3)
-        assert replica.reclaimed == 3
+        assert replica.feed is not None and replica.feed.reclaimed == 3
     for i, (_, expected) in enumerate(held):
-        assert got[f"held{i}"].ok
-        np.testing.assert_allclose(got[f"held{i}"].tensor, expected, rtol=1e-4, atol=1e-5)
-    assert (await redis.xpending(stream, keys.WORKER_GROUP))["pending"] == 0
+        exact(got[f"held{i}"], expected)
+    assert (await redis.xpending(S1, keys.WORKER_GROUP))["pending"] == 0
 
 
-async def test_a_restarted_replica_first_serves_its_own_pending_entries(redis: Any, redis_url: str,
-                                                                        blocks: list[torch.nn.Module]) -> None:
-    await publish_plan(redis, plan(batch=2))
-    stream = keys.group_stream(1, GROUP)
-    await ensure_group(redis, stream, keys.WORKER_GROUP)
-    mine = [request(blocks, f"mine{i}", CUTS[i], 40 + i) for i in range(2)]
-    await put(redis, [p for p, _ in mine])
-    # The previous incarnation of this very replica read them, then crashed.
-    await redis.xreadgroup(keys.WORKER_GROUP, "cpu0-g0-0", {stream: ">"}, count=2)
-    async with running(redis_url, reap_idle_ms=60_000) as (replica, _task):  # the reaper cannot be the one
+async def test_a_slot_taken_over_first_serves_its_own_pending_entries(redis: Any, redis_url: str,
+                                                                       blocks: list[torch.nn.Module]) -> None:
+    await ensure_group(redis, S1, keys.WORKER_GROUP)
+    mine = [request(blocks, f"mine{i}", CUTS[i], 40 + i, budget_ms=300_000) for i in range(2)]
+    await put(redis, S1, [p for p, _ in mine])
+    # The slot's previous process read them, then died; this standby is handed the slot (its name).
+    await redis.xreadgroup(keys.WORKER_GROUP, CONSUMER, {S1: ">"}, count=2)
+    # latency 30 s: the reaper waits 90 s before taking anything, so it cannot be the one (and the budget
+    # covers that latency)
+    async with running(redis_url, Assignment(0)) as (replica, _run, control):
+        assert replica.state == "standby" and (await live_replicas(redis))["rep"]["state"] == "standby"
+        control.send(serving(task(batch=2, latency_ms=30_000.0)))
         got = await replies(redis, 2)
-        assert replica.reclaimed == 0
-    assert all(got[f"mine{i}"].ok and got[f"mine{i}"].batch == 2 for i in range(2))
+        assert replica.feed is not None and replica.feed.reclaimed == 0
+    assert all(got[f"mine{i}"].ok and got[f"mine{i}"].batch == 2 for i in range(2)), got
+    exact(got["mine0"], mine[0][1])
 
 
-class _Slow:
-    """The real runner, slower than the reaper's idle threshold."""
+class Slow:
+    """The real runner, slower than a sibling reaper's idle threshold."""
 
     def __init__(self, inner: Any, delay_s: float) -> None:
         self.inner, self.delay_s = inner, delay_s
@@ -417,79 +321,186 @@ class _Slow:
         return list(self.inner.run_numpy(items))
 
 
-async def test_a_slow_batch_is_not_stolen_by_a_reaper(redis: Any, redis_url: str,
-                                                      blocks: list[torch.nn.Module]) -> None:
-    await publish_plan(redis, plan(batch=1))
-    stream = keys.group_stream(1, GROUP)
-    async with running(redis_url, reap_idle_ms=150) as (replica, _task):
+async def test_entries_held_in_a_slow_batch_are_not_stolen_by_a_sibling(redis: Any, redis_url: str,
+                                                                        blocks: list[torch.nn.Module]) -> None:
+    async with running(redis_url, serving(task(batch=1))) as (replica, _run, _control):
         assert replica.loop is not None
-        replica.loop.runner = _Slow(replica.loop.runner, 0.9)
-        [entry_id] = await put(redis, [request(blocks, "slow", 8, 50)[0]])
-        await asyncio.sleep(0.6)  # well past the idle threshold, batch still running
-        [row] = await redis.xpending_range(stream, keys.WORKER_GROUP, min=entry_id, max=entry_id, count=1)
-        assert row["consumer"] == b"cpu0-g0-0" and row["times_delivered"] == 1
+        replica.loop.runner = Slow(replica.loop.runner, 1.2)
+        sibling = Reaper(redis, S1, keys.WORKER_GROUP, "cpu0-resnet18-5", min_idle_ms=300)
+        ids = await put(redis, S1, [request(blocks, "slow", 8, 50)[0], request(blocks, "queued", 0, 51)[0]])
+        stolen = []
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.0:  # well past the sibling's idle threshold, batch still running
+            stolen += (await sibling.reap_once()).claimed
+            await asyncio.sleep(0.1)
+        assert stolen == []
+        rows = await redis.xpending_range(S1, keys.WORKER_GROUP, min="-", max="+", count=10)
+        assert {r["message_id"].decode() for r in rows} == set(ids)
+        assert all(r["consumer"] == CONSUMER.encode() and r["times_delivered"] == 1 for r in rows)
+        got = await replies(redis, 2)
+        assert replica.feed is not None and replica.feed.reclaimed == 0
+    assert got["slow"].ok and got["queued"].ok
+    assert len(await raw_replies(redis)) == 2
+
+
+# ------------------------------------------------------------------------------------ assignments
+
+
+async def test_an_assignment_retargets_streams_batch_and_share_without_a_reload(
+        redis: Any, redis_url: str, blocks: list[torch.nn.Module]) -> None:
+    t2 = task(2, "g1", batch=4, cuts=(8,))
+    async with running(redis_url, serving(task(batch=2))) as (replica, _run, control):
+        runner = replica.runner
+        # epoch 2: the new group active, the old stream drained meanwhile — entries in both are answered
+        control.send(serving(t2, S1, share=2))
+        await until(lambda: replica.assignment is not None and replica.assignment.active == t2, 5, "re-targeted")
+        assert replica.runner is runner and replica.share == 2 and torch.get_num_threads() == 2
+        assert replica.loop is not None and replica.loop.max_batch == 4 and replica.loop.group == "g1"
+        assert sorted(replica.feed.streams) == sorted([t2.stream, S1])  # type: ignore[union-attr]
+        old = [request(blocks, f"old{i}", 4, i) for i in range(3)]
+        new = [request(blocks, f"new{i}", 8, 10 + i) for i in range(5)]
+        await put(redis, S1, [p for p, _ in old])
+        await put(redis, t2.stream, [p for p, _ in new])
+        got = await replies(redis, 8)
+        for i, (_, expected) in enumerate(old):
+            exact(got[f"old{i}"], expected)
+            assert (got[f"old{i}"].epoch, got[f"old{i}"].group) == (1, "g0")  # labelled by the stream it came from
+        for i, (_, expected) in enumerate(new):
+            exact(got[f"new{i}"], expected)
+            assert (got[f"new{i}"].epoch, got[f"new{i}"].group) == (2, "g1")
+        assert max(r.batch or 0 for r in got.values()) > 2  # the new group's batch size
+        # the old stream drained: dropped from the assignment, its reader stops
+        control.send(serving(t2, share=2))
+        await until(lambda: replica.feed is not None and replica.feed.streams == [t2.stream], 5, "S1 dropped")
+        await asyncio.sleep(0.2)  # the dropped reader's last read (BLOCK 50 ms) is over
+        await put(redis, S1, [request(blocks, "stray", 4, 99)[0]])
+        await asyncio.sleep(0.3)
+        backlog = await read_backlog(redis, S1)
+        assert backlog is not None and (backlog.undelivered, backlog.pending) == (1, 0)  # nobody reads it now
+        live = (await live_replicas(redis))["rep"]
+        assert live["streams"] == [t2.stream] and live["share"] == 2 and live["epoch"] == 2
+        torch.set_num_threads(1)
+
+
+async def test_a_standby_reads_nothing_and_a_new_assignment_is_published_at_once(
+        redis: Any, redis_url: str, blocks: list[torch.nn.Module]) -> None:
+    # heartbeat every 5 s: what the registry shows within 0.3 s was published by the assignment itself
+    # (before the fix the replica published it at its next heartbeat only)
+    async with running(redis_url, serving(task()), heartbeat_s=5.0) as (replica, _run, control):
+        await until_async(lambda: _state_is(redis, "serving", [S1]), 0.3, "serving in the registry")
+        control.send(Assignment(0))
+        await until(lambda: replica.state == "standby", 5, "standby")
+        await until_async(lambda: _state_is(redis, "standby", []), 0.3, "standby in the registry")
+        assert replica.feed is not None and replica.feed.streams == [] and replica.feed.consumer is None
+        await asyncio.sleep(0.2)
+        await put(redis, S1, [request(blocks, "unread", 0, 1)[0]])
+        await asyncio.sleep(0.3)
+        backlog = await read_backlog(redis, S1)
+        assert backlog is not None and backlog.undelivered == 1 and not await raw_replies(redis)
+        control.send(serving(task()))  # and back: it serves what waited
         got = await replies(redis, 1)
-        assert replica.reclaimed == 0
-    assert got["slow"].ok
-    assert await redis.xlen(keys.reply_stream(CLIENT)) == 1
+        assert got["unread"].ok
 
 
-async def test_poison_and_malformed_entries(redis: Any, redis_url: str, blocks: list[torch.nn.Module]) -> None:
-    await publish_plan(redis, plan())
-    stream = keys.group_stream(1, GROUP)
-    await ensure_group(redis, stream, keys.WORKER_GROUP)
-    poison, _ = request(blocks, "poison", 4, 20)
-    [poison_id] = await put(redis, [poison])
-    await redis.xreadgroup(keys.WORKER_GROUP, "cpu0-g0-7", {stream: ">"}, count=1)
-    # Delivered many times already (each earlier holder crashed on it).
-    await redis.xclaim(stream, keys.WORKER_GROUP, "cpu0-g0-7", 0, [poison_id], retrycount=5, justid=True)
-    async with running(redis_url, reap_idle_ms=200) as (replica, task):
-        bad_shape = wire.encode_request(wire.Request("bad", CLIENT, MODEL, 4, np.zeros((2, 2), np.float32),
-                                                     budget_ms=1000, received=time.time(),
-                                                     deadline=time.time() + 1))
-        good, expected = request(blocks, "good", 8, 21, budget_ms=600)
-        await put(redis, [b"\x00garbage", bad_shape, good])
-        got = await replies(redis, 3)
-        assert not task.done()
-    assert got["bad"].error is not None and got["bad"].error.code == ErrorCode.BAD_TENSOR
-    assert got["good"].ok
-    np.testing.assert_allclose(got["good"].tensor, expected, rtol=1e-4, atol=1e-5)
-    assert got["poison"].error is not None and got["poison"].error.code == ErrorCode.INTERNAL
-    dead = await list_dead_letters(redis, stream)
-    assert {d.entry_id for d in dead} >= {poison_id} and len(dead) == 2  # the poison and the garbage
-    assert replica.dead_lettered == 2
-    assert (await redis.xpending(stream, keys.WORKER_GROUP))["pending"] == 0
+async def _state_is(redis: Any, state: str, streams: list[str]) -> bool:
+    live = (await live_replicas(redis)).get("rep") or {}
+    return live.get("state") == state and live.get("streams") == streams
 
 
-async def test_replica_drains_and_exits_on_a_newer_plan(redis: Any, redis_url: str,
-                                                        blocks: list[torch.nn.Module]) -> None:
-    await publish_plan(redis, plan(1, batch=6))
-    async with running(redis_url, drain_quiet_s=0.4, plan_poll_s=0.1) as (replica, task):
-        work = [request(blocks, f"d{i}", CUTS[i % 3], 30 + i) for i in range(6)]
-        await put(redis, [p for p, _ in work])
-        await publish_plan(redis, plan(2))
-        code = await asyncio.wait_for(task, 15)
-        assert code == 0 and replica.draining
-    got = await replies(redis, 6)
-    assert all(got[f"d{i}"].ok for i in range(6))
-    assert await redis.ttl(keys.group_stream(1, GROUP)) > 0  # the retired stream goes away by itself
-    assert (await find_plan(redis, 1)) is not None and (await find_plan(redis, 1)).epoch == 1  # type: ignore[union-attr]
+async def test_stop_serves_what_it_holds_then_exits_0(redis: Any, redis_url: str,
+                                                      blocks: list[torch.nn.Module]) -> None:
+    replica, run, control = await start(redis_url, serving(task(batch=2)))
+    assert replica.loop is not None
+    replica.loop.runner = Slow(replica.loop.runner, 0.3)
+    work = [request(blocks, f"s{i}", CUTS[i % 3], i) for i in range(4)]
+    await put(redis, S1, [p for p, _ in work])
+    await until(lambda: replica.loop is not None and replica.loop.size == 4, 5, "four held")
+    control.stop()
+    assert await asyncio.wait_for(run, 20) == 0
+    got = await replies(redis, 4, timeout=1)  # answered before it exited
+    for i, (_, expected) in enumerate(work):
+        exact(got[f"s{i}"], expected)
+    assert (await redis.xpending(S1, keys.WORKER_GROUP))["pending"] == 0
+    assert "rep" not in await live_replicas(redis)
+
+
+async def test_a_stop_while_loading_does_not_wait_for_the_model(redis: Any, redis_url: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before the fix the replica read its stdin only once loaded: a stop, or the end of file that means its
+    # agent is gone, waited for the whole load (and the agent's stop for its 10 s grace, then SIGKILL).
+    release = threading.Event()
+    real = replica_mod.FragmentRunner
+
+    def slow(*args: Any, **kw: Any) -> Any:
+        release.wait(20)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(replica_mod, "FragmentRunner", slow)
+    control = Control()
+    replica = Replica(settings(redis_url), name="rep", device="cpu0", model=MODEL, share=1)
+    run = asyncio.create_task(replica.run(control.messages()))
+    try:
+        await until_async(lambda: _state_is(redis, "starting", []), 5, "loading, in the registry")
+        control.send(serving(task()))
+        control.stop()
+        t0 = time.monotonic()
+        assert await asyncio.wait_for(run, 5) == 0
+        assert time.monotonic() - t0 < 1.0 and replica.load_abandoned and replica.feed is None
+        assert "rep" not in await live_replicas(redis)
+    finally:
+        release.set()
+
+
+async def test_an_assignment_sent_while_loading_is_applied_once_loaded(redis: Any, redis_url: str,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       blocks: list[torch.nn.Module]) -> None:
+    release = threading.Event()
+    real = replica_mod.FragmentRunner
+
+    def gated(*args: Any, **kw: Any) -> Any:
+        release.wait(20)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(replica_mod, "FragmentRunner", gated)
+    control = Control()
+    replica = Replica(settings(redis_url), name="rep", device="cpu0", model=MODEL, share=1)
+    run = asyncio.create_task(replica.run(control.messages()))
+    try:
+        await until_async(lambda: _state_is(redis, "starting", []), 5, "loading, in the registry")
+        control.send(Assignment(0))
+        control.send(serving(task()))  # the newest one wins
+        await asyncio.sleep(0.1)
+        release.set()
+        await until(lambda: replica.state == "serving", 20, "serving what it was sent while loading")
+        assert replica.assignment is not None and replica.assignment.seq == 2
+        payload, expected = request(blocks, "early", 4, 5)
+        await put(redis, S1, [payload])
+        exact((await replies(redis, 1))["early"], expected)
+    finally:
+        release.set()
+        control.close()
+        assert await asyncio.wait_for(run, 20) == 0
 
 
 async def test_a_dead_helper_crashes_the_replica_instead_of_leaving_a_zombie(
         redis: Any, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    await publish_plan(redis, plan())
-    replica = Replica(settings(redis_url), epoch=1, group=GROUP, device="cpu0", plan_poll_s=0.05)
+    async def broken(self: Feed) -> None:
+        raise RuntimeError("XAUTOCLAIM answered nonsense")
 
-    async def broken_backlog(*args: Any) -> None:
-        raise RuntimeError("XINFO answered nonsense")
+    monkeypatch.setattr(Feed, "reap_once", broken)
+    control = Control()
+    control.send(serving(task()))
+    replica = Replica(settings(redis_url), name="rep", device="cpu0", model=MODEL, share=1)
+    assert await asyncio.wait_for(replica.run(control.messages()), 30) == 1  # its reaper died: so does it
+    assert "rep" not in await live_replicas(redis)
 
-    monkeypatch.setattr("services.worker.replica.read_backlog", broken_backlog)
-    assert await asyncio.wait_for(replica.run(), 30) == 1
-    assert not await redis.exists(keys.health("replica", replica.consumer))
 
-
-async def test_an_unknown_group_is_a_configuration_error(redis: Any, redis_url: str) -> None:
-    await publish_plan(redis, plan())
-    assert await Replica(settings(redis_url), epoch=1, group="nope").run() == 2
-    assert await Replica(settings(redis_url), epoch=7, group=GROUP).run() == 2
+async def test_what_cannot_be_served_here_is_exit_2(redis: Any, redis_url: str) -> None:
+    with capture_logs() as logs:
+        assert await Replica(settings(redis_url), name="x", device="cpu0", model="no-such-model", share=1).run() == 2
+        gpu = Replica(settings(redis_url), name="y", device="gpu0", model=MODEL, share=50)
+        assert await gpu.run() == 2  # no CUDA in this process: never the CPU instead
+    errors = [e for e in logs if e["event"] == "replica_config_error"]
+    assert len(errors) == 2 and "no-such-model" in errors[0]["error"]
+    assert "CUDA is not available" in errors[1]["error"] and "never falls back to the CPU" in errors[1]["error"]
+    assert not await live_replicas(redis)
