@@ -19,7 +19,9 @@ one model at one share, that do what their assignment says.
   stable run; after an exit 2 — cannot be served here — 5 s doubling to 60 s), reported in the status.
 * **Standbys.** ``GRAFT_STANDBY_REPLICAS`` (default 1) loaded, idle processes per (device, model,
   share) in use. They cost memory, and on a GPU an MPS client slot, but no share: a standby computes
-  nothing until it takes over.
+  nothing until it takes over. A kind gets its standbys once one of its processes has loaded: the
+  slots' processes load first, alone on the cores, and a kind that cannot load here starts one
+  process per backoff, not two.
 * **Lifeline.** Children read their assignments from a pipe and stop when it closes, and ask the
   kernel for SIGTERM when the agent dies: replicas never outlive their agent. SIGTERM to the agent
   stops every child gracefully (stop, wait, SIGKILL) and the agent exits 0.
@@ -126,6 +128,7 @@ class Agent:
         self._ports: dict[str, int] = {}
         self._view: PlanView | None = None
         self._ready_procs: set[str] = set()
+        self._loaded_kinds: set[ProcKey] = set()  # kinds of process that have loaded here at least once
         self._leaving: set[str] = set()  # processes asked to stop
         self._watch: dict[str, asyncio.Task[None]] = {}
         self._scale: dict[str, float] = {}
@@ -400,7 +403,9 @@ class Agent:
     async def _keep_standbys(self) -> None:
         keys_in_use = {self._key(s.device, s.model, s.share): s for s in self.slots if s.active is not None}
         for key, slot in keys_in_use.items():
-            if not self._may_spawn(key):
+            # Not before a process of its kind has loaded once: until then a standby would only compete
+            # with the slots' own processes for the cores they load on, or fail like them.
+            if not self._may_spawn(key) or key not in self._loaded_kinds:
                 continue
             free = self._free_standbys(key)
             for _ in range(self.standby - len(free)):
@@ -428,7 +433,9 @@ class Agent:
         live = await self._replicas.live()
         self._ready_procs = {n for n, s in live.items() if n in self.procs and s.get("state") in ("standby", "serving")}
         for name in self._ready_procs:
-            self.procs[name].loaded = True
+            proc = self.procs[name]
+            proc.loaded = True
+            self._loaded_kinds.add(self._key(proc.device.name, proc.model, proc.share))
 
     async def _drain(self) -> None:
         draining = {s for slot in self.slots for s in slot.draining}
