@@ -3,7 +3,8 @@
 The ingress already validated every request, but a replica trusts nothing it reads: an entry may be
 written by hand, by an older ingress, or be garbage. A bad entry becomes a ``Rejection`` carrying the
 ids to answer it with (from the envelope when it decodes, else ``wire.peek_ids``); one whose ids cannot
-be read has nobody to answer and is dead-lettered instead. Nothing here touches Redis.
+be read — or that are not ids the ingress would answer (``admission.sane_id``: printable, no whitespace,
+1..256 characters) — has nobody to answer and is dead-lettered instead. Nothing here touches Redis.
 
 A blob request (its tensor's bytes at ``keys.blob(req_id)``) is checked on its metadata by ``admit``
 and becomes a job without a tensor (``Job.blob``); the replica GETs the blobs of everything it read in
@@ -98,8 +99,11 @@ class Intake:
         now = time.time() if now is None else now
         try:
             req = wire.decode_request(payload, self.max_tensor_bytes)
+            admission.check_ids(req.req_id, req.client)  # as the ingress: ids become parts of key names
         except GraftError as exc:
             req_id, client = wire.peek_ids(payload) if payload is not None else (None, None)
+            if not (admission.sane_id(req_id) and admission.sane_id(client)):
+                req_id = client = None  # nobody to answer: dead-lettered, as the ingress does
             return Rejection(entry_id, exc, req_id, client, now, payload, stream=stream)
         source = req.source or entry_id
         try:
