@@ -9,8 +9,10 @@ on ``stop`` or end-of-file. It reads no stream: a test plays the data plane itse
 
 Knobs (environment): ``FAKE_REPLICA_LOG`` — append one JSON line per start (argv, pid and the share
 environment) and per assignment; ``FAKE_REPLICA_EXIT`` — exit with that code ``FAKE_REPLICA_EXIT_AFTER_S``
-seconds after starting, before registering (a replica that cannot load); ``FAKE_REPLICA_LOAD_S`` —
-seconds it "loads" before registering (default 0).
+seconds after starting, before registering (a replica that cannot load; without a delay the
+interpreter script exits at once, before Python starts); ``FAKE_REPLICA_LOAD_S`` — seconds it "loads"
+before registering (default 0); ``FAKE_REPLICA_ONCE`` — a path: the first process creates it and
+serves, every later one exits 1 at once (also in the interpreter script).
 """
 
 from __future__ import annotations

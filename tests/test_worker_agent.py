@@ -305,11 +305,15 @@ async def test_e_a_gpu_placement_without_cuda_exits_2_and_is_retried_slowly(
 # ----------------------------------------------------------------------------------------- backoff
 
 
-async def test_a_kind_that_keeps_dying_is_restarted_with_backoff(redis: Any, redis_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("who", ["every process", "every standby"])
+async def test_a_kind_that_keeps_dying_is_restarted_with_backoff(redis: Any, redis_url: str, tmp_path: Path,
+                                                                  who: str) -> None:
     # Before the fix a standby that died was replaced at once, with no backoff: with a replica that exits
-    # at once the agent started ~250 processes a second and used 40% of a core.
+    # at once the agent started ~250 processes a second and used 40% of a core. (Every process: the slot's
+    # own restarts; every standby: the first process loads and serves, each standby after it dies.)
+    env = {"FAKE_REPLICA_EXIT": "1"} if who == "every process" else {"FAKE_REPLICA_ONCE": str(tmp_path / "once")}
     agent = Agent(settings(redis_url), [Device("cpu", 0)], name="dying", poll_s=0.05, standby=1,
-                  python=fake_python(tmp_path, FAKE_REPLICA_EXIT="1"))
+                  python=fake_python(tmp_path, **env))
     await publish_plan(redis, one_group(1, "g1"))
     task = asyncio.create_task(agent.run())
     try:
@@ -320,8 +324,30 @@ async def test_a_kind_that_keeps_dying_is_restarted_with_backoff(redis: Any, red
         # 0.2 + 0.4 + 0.8 + 1.6 s: at most a handful of starts in 3 s (plus one per process alive at t0)
         assert agent._next_proc <= 8, f"{agent._next_proc} processes started"
         assert cpu < 0.2, f"the agent used {cpu:.0%} of a core"
-        [b] = agent.status()["backoff"] or [{"exit_code": 1}]
-        assert b["exit_code"] == 1
+        assert agent._last_exit == {("cpu0", MODEL, 0): 1}
+        if who == "every standby":  # meanwhile the slot is served by the first process, undisturbed
+            first = slot_process(agent, "cpu0-resnet18-0")
+            assert first is not None and first.name == "dying/0" and first.alive and first.loaded
+    finally:
+        agent.stop()
+        assert await asyncio.wait_for(task, 20) == 0
+
+
+async def test_standbys_start_once_their_kind_has_loaded(redis: Any, redis_url: str, tmp_path: Path) -> None:
+    # Before the fix the standby started with the slot's own process and the two loaded side by side: on
+    # this 2-core host the slot served after 17-21 s instead of 6-10 s.
+    agent = Agent(settings(redis_url), [Device("cpu", 0)], name="order", poll_s=0.05, standby=1,
+                  python=fake_python(tmp_path, FAKE_REPLICA_LOAD_S="1.0"))
+    await publish_plan(redis, one_group(1, "g1"))
+    task = asyncio.create_task(agent.run())
+    try:
+        await until(lambda: agent.procs, 5, "the slot's process")
+        await asyncio.sleep(0.5)  # it is loading
+        assert len(agent.procs) == 1
+        await until(lambda: len(agent.procs) == 2, 10, "a standby, once the first one has loaded")
+        [first] = [p for p in agent.procs.values() if p.loaded]
+        assert slot_process(agent, "cpu0-resnet18-0") is first
+        await until(lambda: len(agent._ready_procs) == 2, 10, "the standby loaded")
     finally:
         agent.stop()
         assert await asyncio.wait_for(task, 20) == 0

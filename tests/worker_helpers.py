@@ -145,9 +145,15 @@ async def until_async(cond: Callable[[], Awaitable[Any]], timeout: float, what: 
 
 def fake_python(tmp_path: Path, name: str = "python", **env: str) -> str:
     """An interpreter for the agent that runs ``tests.fake_replica`` instead of ``services.worker.replica``
-    (the agent calls ``PYTHON -m services.worker.replica ARGS``), with ``env`` added."""
+    (the agent calls ``PYTHON -m services.worker.replica ARGS``), with ``env`` added. The knobs that make
+    a process fail at once (see ``tests.fake_replica``) act here, before Python starts: as fast as a
+    process can die."""
     exports = "".join(f"export {k}='{v}'\n" for k, v in env.items())
     path = tmp_path / name
-    path.write_text(f"#!/bin/sh\n{exports}shift 2\nexec {sys.executable} -m tests.fake_replica \"$@\"\n")
+    path.write_text(
+        f"#!/bin/sh\n{exports}"
+        'if [ -n "$FAKE_REPLICA_ONCE" ]; then [ -e "$FAKE_REPLICA_ONCE" ] && exit 1; : > "$FAKE_REPLICA_ONCE"; fi\n'
+        'if [ -n "$FAKE_REPLICA_EXIT" ] && [ -z "$FAKE_REPLICA_EXIT_AFTER_S" ]; then exit "$FAKE_REPLICA_EXIT"; fi\n'
+        f"shift 2\nexec {sys.executable} -m tests.fake_replica \"$@\"\n")
     path.chmod(0o755)
     return str(path)
