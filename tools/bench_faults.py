@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 
 from tools.console import make_console
 from tools.faults import report
@@ -99,7 +100,8 @@ def faults(
     if json_out:
         print(json.dumps({**meta, "scenarios": [r.to_dict() for r in results]}, indent=1, default=str))
     else:
-        console.print(report.table(results, f"fault suite ({'quick' if quick else 'full'}), {meta['started']}"))
+        wide = Console(width=max(console.width, 200))  # the table is wide: never squeeze it into wrapped cells
+        wide.print(report.table(results, f"fault suite ({'quick' if quick else 'full'}), {meta['started']}"))
         console.print(f"command: {meta['command']}\nresults in {out}/faults.json and {out}/faults.md")
     raise typer.Exit(0 if all(r.met for r in results) else 1)
 

@@ -102,9 +102,26 @@ class Live:
         self._tasks = [asyncio.create_task(self.census.watch(self._stop)),
                        asyncio.create_task(self.acct.tail(self.r, self._stop)),
                        asyncio.create_task(self._watch_agents())]
-        await wait_ready(self.system, timeout=180.0)
+        try:
+            await wait_ready(self.system, timeout=180.0)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; {await self.describe()}") from None
         self.started_s = time.monotonic() - t0
         return self
+
+    async def describe(self) -> str:
+        """Who is alive and what they report: the diagnosis of a system that did not come up."""
+        parts = []
+        with contextlib.suppress(Exception):
+            view = await load_plan(self.r)
+            parts.append(f"plan epoch {view.epoch if view else None}")
+            for kind in keys.KINDS:
+                live = await Registry(self.r, kind, 5.0).live()
+                parts.append(f"{kind}: " + ", ".join(
+                    f"{n}({s.get('state') or s.get('status') or 'up'}, epoch {s.get('epoch')})" for n, s in live.items()))
+        assert self.system is not None
+        parts.append(f"supervisor {self.system.supervisor.status()}")
+        return "; ".join(parts)
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()

@@ -39,7 +39,7 @@ def _tensor(shape: tuple[int, ...], dtype: str = "float32", data: bytes | None =
     return {"dtype": dtype, "shape": list(shape), "data": data if data is not None else b"\0" * n}
 
 
-def _base(rid: str, client: str, shape: tuple[int, ...], **over: Any) -> dict[str, Any]:
+def _base(rid: str, client: str, shape: tuple[int, ...], /, **over: Any) -> dict[str, Any]:
     env: dict[str, Any] = {"v": 1, "kind": "request", "req_id": rid, "client": client, "model": "resnet18",
                            "cut": 0, "tensor": _tensor(shape), "budget_ms": 2000.0}
     for k, v in over.items():

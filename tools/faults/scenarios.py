@@ -236,12 +236,19 @@ async def service_kill(ctx: Ctx, service: str, *, spare: bool = False) -> Result
 
 
 async def redis_restart(ctx: Ctx, crash: bool) -> Result:
-    """Redis with AOF (appendonly yes, appendfsync everysec) stopped under load and started again.
+    """Redis with AOF (appendonly yes, appendfsync everysec) stopped under load and started again on its files.
 
-    ``crash``: SIGKILL — Redis may lose what it acknowledged in the last fsync interval (≤ 1 s, up to 2 s
-    when an fsync is slow): those requests are reported apart (``in_fsync_window``) and everything
-    accepted before the window must be answered. Otherwise SIGTERM: Redis fsyncs the AOF as it shuts
-    down, and nothing may be lost."""
+    ``crash``: SIGKILL, else SIGTERM (Redis fsyncs the AOF as it shuts down). What can be lost, precisely:
+
+    * requests sent while Redis is down: their XADD fails, the producer knows at once and must send
+      again — counted as *not accepted*, never as lost;
+    * with ``everysec`` Redis write()s the AOF before it answers a command, so a *killed Redis process*
+      loses nothing it acknowledged (the kernel holds the bytes); only an OS crash or power loss can lose
+      the last ≤ 1 s (≤ 2 s when an fsync stalls) of acknowledged writes — requests, replies and acks
+      alike, which would show as lost requests or, for a lost ack, a second reply. The suite cannot pull
+      the power: ``in_fsync_window`` reports the 2 s before the kill apart, and everything else
+      (``outside_window``) must be answered exactly once in time.
+    """
     name = "redis-crash-aof" if crash else "redis-restart-aof"
     window_ms = 2000.0
     server = RedisServer(port=free_port(), persist_dir=ctx.out / "redis-aof" / name, appendonly=True)
