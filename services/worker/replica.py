@@ -239,7 +239,7 @@ class Replica:
             if msg.get("kind") == "assign":
                 try:
                     a = Assignment.from_wire(msg)
-                    if self.state == "starting":
+                    if self.state == "starting" or self.loop is None:  # (or stopping while loading)
                         self._early = a  # still loading: the newest one is applied once loaded
                     else:
                         self.apply(a)
