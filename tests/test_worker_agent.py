@@ -203,7 +203,8 @@ async def test_b_a_killed_replica_is_replaced_by_the_warm_standby_at_once(
         assert slot_process(agent, consumer) is standby and standby.assignment.consumer == consumer
         live = await live_replicas(redis)
         assert live[standby.name]["consumer"] == consumer and live[standby.name]["state"] == "serving"
-        assert agent.takeovers == 1
+        assert agent.takeovers == 1 and agent.restarts == 0
+        assert agent._last_exit == {("cpu0", MODEL, 0): -signal.SIGKILL}  # noticed as killed, not as stopped
         # and a new standby is loading behind it
         await until(lambda: len(agent.procs) == 2, 5, "a new standby started")
     finally:

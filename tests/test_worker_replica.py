@@ -451,6 +451,18 @@ async def test_a_stop_while_loading_does_not_wait_for_the_model(redis: Any, redi
         release.set()
 
 
+async def test_an_assignment_after_a_stop_while_loading_is_not_a_crash(redis_url: str) -> None:
+    # Before the fix it reached apply() with no model loaded: an AssertionError in the control task, which
+    # turned a clean stop (SIGTERM while loading, then a last assignment in the pipe) into exit code 1.
+    replica = Replica(settings(redis_url), name="rep", device="cpu0", model=MODEL, share=1)
+    replica.stop()
+    control = Control()
+    control.send(serving(task()))
+    control.close()
+    await asyncio.wait_for(replica._follow(control.messages()), 5)
+    assert replica.exit_code == 0 and replica._early is not None and replica.assignment is None
+
+
 async def test_an_assignment_sent_while_loading_is_applied_once_loaded(redis: Any, redis_url: str,
                                                                        monkeypatch: pytest.MonkeyPatch,
                                                                        blocks: list[torch.nn.Module]) -> None:
