@@ -8,6 +8,15 @@ batch. A request never runs a block twice, and its output equals running the who
 Request tensors are per request: shaped like ``ModelInfo.cut_shape(cut)`` (no batch dim); a leading
 batch dim of 1 (the wire's ``[1, C, H, W]``) is also accepted and dropped. Outputs come back per
 request, without a batch dim, in the order of the items given.
+
+Every batch is timed as the profiler times blocks (``common.model.timing``): all inputs are staged on
+the device first (stacked per cut, copied host→device), then the device is synchronised and the
+clock runs from the first block's launch to the last block's end (synchronised again); the output's
+copy back to the host is timed apart. ``last_timing`` (``last_compute_s``, ``last_copy_s``) holds the
+latest batch's figures: the compute span is what a replica feeds its latency model, so its
+``measured / profile`` ratio compares like with like. On CUDA, ``warm_up`` runs every batch size a
+replica may be assigned, so cuDNN autotuning (on in profiler and replicas alike) never lands on a real
+batch.
 """
 
 from __future__ import annotations
@@ -23,9 +32,12 @@ import torch
 from torch import nn
 
 from common.contract.errors import BadCut, BadTensor
+from common.model import timing
+from common.model.timing import BatchTiming, prepare_device, synchronize
 from common.model.zoo import ModelInfo, build_blocks, describe
 
 Item: TypeAlias = tuple[int, torch.Tensor | npt.NDArray[Any]]
+WARM_BATCH = 32  # the largest batch a CUDA warm-up runs when no profile says otherwise
 
 
 def realigned_schedule(cuts: Sequence[int], n_blocks: int) -> list[tuple[int, int]]:
@@ -64,6 +76,17 @@ class FragmentRunner:
                               num_classes=num_classes)
         self._blocks: tuple[nn.Module, ...] = tuple(b.to(self._device) for b in blocks[min_cut:])
         del blocks
+        self.last_timing: BatchTiming | None = None  # the latest batch's (None: none ran, or it failed)
+
+    @property
+    def last_compute_s(self) -> float | None:
+        """The latest batch's compute span in seconds (the quantity a block's profile measures)."""
+        return None if self.last_timing is None else self.last_timing.compute_s
+
+    @property
+    def last_copy_s(self) -> float:
+        """The latest batch's host↔device copies (and input stacking) in seconds; ~0 on the CPU."""
+        return 0.0 if self.last_timing is None else self.last_timing.copy_s
 
     @property
     def model(self) -> str:
@@ -119,8 +142,8 @@ class FragmentRunner:
                             model=self.model, cut=cut)
         return t
 
-    def _run_batch(self, items: Sequence[Item]) -> tuple[torch.Tensor, list[int]]:
-        """Run a re-aligned batch; returns the batch output and, per item, its row in that output."""
+    def _stage(self, items: Sequence[Item]) -> tuple[dict[int, torch.Tensor], list[int]]:
+        """Each cut's joining requests, stacked and on the device; per item, its row in the batch output."""
         by_cut: dict[int, list[int]] = {}
         tensors: list[torch.Tensor] = []
         for i, (cut, value) in enumerate(items):
@@ -128,32 +151,74 @@ class FragmentRunner:
             tensors.append(self._request_tensor(int(cut), value))
             by_cut.setdefault(int(cut), []).append(i)
         rows = [0] * len(items)
+        joining: dict[int, torch.Tensor] = {}
+        start = 0
+        for cut in sorted(by_cut):  # requests join the running batch in the order of their cuts
+            for k, i in enumerate(by_cut[cut]):
+                rows[i] = start + k
+            start += len(by_cut[cut])
+            # torch.stack copies, so no block ever sees the caller's memory.
+            joining[cut] = torch.stack([tensors[i] for i in by_cut[cut]]).to(self._device)
+        return joining, rows
+
+    def _compute(self, schedule: Sequence[tuple[int, int]], joining: dict[int, torch.Tensor]) -> torch.Tensor:
         h: torch.Tensor | None = None
-        with torch.inference_mode():
-            for j, b in realigned_schedule([int(c) for c, _ in items], self.n_blocks):
-                if j in by_cut:
-                    # torch.stack copies, so no block ever sees the caller's memory.
-                    joining = torch.stack([tensors[i] for i in by_cut[j]]).to(self._device)
-                    start = 0 if h is None else h.shape[0]
-                    for k, i in enumerate(by_cut[j]):
-                        rows[i] = start + k
-                    h = joining if h is None else torch.cat([h, joining])
-                assert h is not None and h.shape[0] == b
-                h = self._blocks[j - self._min_cut](h)
+        for j, b in schedule:
+            if j in joining:
+                h = joining[j] if h is None else torch.cat([h, joining[j]])
+            assert h is not None and h.shape[0] == b
+            h = self._blocks[j - self._min_cut](h)
         assert h is not None
-        return h, rows
+        return h
+
+    def _run_batch(self, items: Sequence[Item]) -> tuple[torch.Tensor, list[int], float, float]:
+        """Run a re-aligned batch: its output, per item its row in that output, upload and compute seconds."""
+        self.last_timing = None
+        with torch.inference_mode():
+            t0 = timing.clock()
+            joining, rows = self._stage(items)
+            schedule = realigned_schedule([int(c) for c, _ in items], self.n_blocks)
+            synchronize(self._device)
+            t1 = timing.clock()
+            out = self._compute(schedule, joining)
+            synchronize(self._device)
+            t2 = timing.clock()
+        return out, rows, t1 - t0, t2 - t1
 
     def run_realigned(self, items: Sequence[Item]) -> list[torch.Tensor]:
         """Outputs (per request, on this runner's device) in the order of ``items``; see the module doc."""
         if not items:
+            self.last_timing = BatchTiming(0.0, 0.0)
             return []
-        out, rows = self._run_batch(items)
+        out, rows, upload_s, compute_s = self._run_batch(items)
+        self.last_timing = BatchTiming(compute_s, upload_s)
         return [out[r] for r in rows]
 
     def run_numpy(self, items: Sequence[Item]) -> list[npt.NDArray[np.float32]]:
         """``run_realigned`` for workers: one device-to-host copy for the batch, one array per request."""
         if not items:
+            self.last_timing = BatchTiming(0.0, 0.0)
             return []
-        out, rows = self._run_batch(items)
+        out, rows, upload_s, compute_s = self._run_batch(items)
+        t0 = timing.clock()
         host: npt.NDArray[np.float32] = out.cpu().numpy()
+        self.last_timing = BatchTiming(compute_s, upload_s, timing.clock() - t0)
         return [host[r] for r in rows]
+
+
+def warm_up(runner: FragmentRunner, max_batch: int = WARM_BATCH) -> None:
+    """Run what lazy initialisation and cuDNN autotuning need before a real batch does.
+
+    Turns autotuning on (``timing.prepare_device``) for a CUDA runner. Everywhere: one small mixed batch. On CUDA also every batch size ``1..max_batch`` from the
+    runner's first block: autotuning runs once per input shape, and block ``j`` of a re-aligned batch
+    may see any ``b_j`` up to the batch size — each run of size ``b`` tunes every block at ``b``.
+    """
+    prepare_device(runner.device)
+    first = runner.min_cut
+    mid = (first + runner.n_blocks) // 2
+    runner.run_numpy([(c, np.zeros(runner.info.cut_shape(c), dtype=np.float32)) for c in (first, first, mid)])
+    if torch.device(runner.device).type != "cuda":
+        return
+    one = np.zeros(runner.info.cut_shape(first), dtype=np.float32)
+    for b in range(1, max(1, max_batch) + 1):
+        runner.run_numpy([(first, one)] * b)

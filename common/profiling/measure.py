@@ -1,7 +1,11 @@
 """Measured profiles: per-block latency on this host, on the CPU (threads) or CUDA (MPS shares).
 
 Each block is timed on its real input at every grid batch size (the previous block's output), after
-warm-up, and the median of the repeats is kept. On the CPU a "share" is a thread count
+warm-up, and the median of the repeats is kept. A sample is the wall-clock time of the block with the
+device synchronised before and after (``common.model.timing``, the definition replicas time their
+batches by); on CUDA a block shorter than about a millisecond runs a few times back to back within one
+sample (mean per run kept), since a replica synchronises once per batch, not per block, and cuDNN
+autotuning is on (as in every replica; the warm-up runs absorb it). On the CPU a "share" is a thread count
 (``torch.set_num_threads``). On CUDA every share runs in its own child process
 (``python -m common.profiling.measure --worker``) whose environment carries ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``
 before CUDA initialises — the share only binds when an MPS control daemon is running, and the file
@@ -20,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ from typing import Any
 
 import torch
 
+from common.model.timing import TIMER, burst_for, prepare_device, wall_ms
 from common.model.zoo import build_blocks, describe
 from common.profiles import Profile, make_profile
 
@@ -119,24 +123,11 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def _time_ms(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
-    if device.type == "cuda":
-        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return float(start.elapsed_time(end))
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
 def measure_model(name: str, *, device: str, batches: Sequence[int], resolution: int | None,
                   warmup: int, repeats: int, seed: int = 0, step: Step | None = None) -> list[list[float]]:
-    """Median latency (ms) ``[batch index][block]`` of every block on its real input."""
+    """Median latency (ms) ``[batch index][block]`` of every block on its real input (see the module doc)."""
     dev = torch.device(device)
+    prepare_device(dev)
     info = describe(name, resolution)
     blocks = [b.to(dev) for b in build_blocks(name, resolution=info.resolution, seed=seed)]
     gen = torch.Generator().manual_seed(seed)
@@ -150,7 +141,8 @@ def measure_model(name: str, *, device: str, batches: Sequence[int], resolution:
                 for _ in range(warmup):
                     block(xin)
                 run = functools.partial(block, xin)
-                row.append(statistics.median(_time_ms(run, dev) for _ in range(max(1, repeats))))
+                runs = burst_for(wall_ms(run, dev), dev) if dev.type == "cuda" else 1
+                row.append(statistics.median(wall_ms(run, dev, runs) for _ in range(max(1, repeats))))
                 x = block(xin)
             rows.append(row)
             if step is not None:
@@ -250,7 +242,8 @@ def _profile_cuda(models: Sequence[str], batches: Sequence[int], shares: Sequenc
     gpu_name = host["gpu"].get("name") or torch.cuda.get_device_name(0)
     return make_profile("measured", f"cuda: {gpu_name}", "gpu_share_pct", batches, shares,
                         _assemble(models, resolution, batches, shares, tables), host=host,
-                        timing={"warmup": warmup, "repeats": repeats, "statistic": "median", "timer": "cuda events"},
+                        timing={"warmup": warmup, "repeats": repeats, "statistic": "median", "timer": TIMER,
+                                "cudnn_benchmark": True},
                         shares_isolated=mps.running,
                         resolutions={m: describe(m, resolution).resolution for m in models})
 
@@ -294,7 +287,7 @@ def _worker(spec: dict[str, Any]) -> int:
         _emit(event="error", message=f"CUDA is not available in the profiling child "
                                      f"(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE={share})")
         return 3
-    torch.backends.cudnn.benchmark = True  # warm-up runs absorb the autotuning
+    prepare_device("cuda")  # cuDNN autotuning, as every replica runs; warm-up runs absorb it
     models: dict[str, list[list[float]]] = {}
     for name in spec["models"]:
         models[name] = measure_model(name, device="cuda", batches=spec["batches"], resolution=spec["resolution"],

@@ -6,6 +6,10 @@ head's slack has run out, otherwise sleep until the policy's wait expires or a r
 batch runs at a time (a replica is one share of one device), in a thread, so the event loop keeps
 reading, reaping and heartbeating meanwhile. Every measured batch corrects the latency model, and the
 policy is rebuilt from it (the policy caches single-request latencies, which must follow the model).
+A batch is measured as the runner times it (``common.model.timing``: the compute span, synchronised,
+the quantity the profile holds), so the model's ``measured / profile`` ratio compares like with like;
+the host↔device copies are reported apart (``copy_ms``), and what the wall clock saw beyond the
+compute span (copies, the thread handoff) joins the launch margin instead.
 
 Replies leave through ``sink``: the replica sends a batch's replies, XACKs its entries and deletes the
 blobs of blob requests in one pipelined round trip. The loop never talks to Redis itself, so it runs against a list in unit tests.
@@ -17,7 +21,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +46,17 @@ INLINE_S = 0.001  # batches predicted to run at most this long run on the event 
 
 class Runner(Protocol):
     def run_numpy(self, items: Sequence[tuple[int, Any]]) -> list[npt.NDArray[np.float32]]: ...
+
+
+@runtime_checkable
+class TimedRunner(Protocol):
+    """A runner that times its own batches (``FragmentRunner``); others are timed by the wall clock."""
+
+    @property
+    def last_compute_s(self) -> float | None: ...
+
+    @property
+    def last_copy_s(self) -> float: ...
 
 
 @dataclass(slots=True)
@@ -82,6 +97,7 @@ class BatchLoop:
         # cover what happens after that moment: the reply round trip and a timer that fires late.
         self.reply_s = REPLY_S
         self.jitter_s = JITTER_S
+        self.overhead_s = 0.0  # wall clock of a batch beyond its compute span (copies, thread handoff)
         self.policy = self._policy()
         self.batches = 0
         self.served = 0
@@ -92,7 +108,7 @@ class BatchLoop:
 
     @property
     def margin_s(self) -> float:
-        return self.reply_s + self.jitter_s + SAFETY_S
+        return self.reply_s + self.overhead_s + self.jitter_s + SAFETY_S
 
     def _policy(self) -> BatchPolicy:
         return BatchPolicy(self.max_batch, self.latency, margin_s=self.margin_s, drop_early=True, eager=self.eager)
@@ -219,7 +235,7 @@ class BatchLoop:
                 outputs = self.runner.run_numpy(items)
             else:
                 outputs = await asyncio.to_thread(self.runner.run_numpy, items)
-            compute_s = time.perf_counter() - t0
+            wall_s = time.perf_counter() - t0
         except Exception as exc:
             err = exc if isinstance(exc, GraftError) else InternalError(f"batch failed: {type(exc).__name__}: {exc}")
             log.exception(Event.BATCH_FAILED, size=n, composition=sorted(counts.items()), error=str(exc))
@@ -230,14 +246,17 @@ class BatchLoop:
             finally:
                 self._release(jobs)
             return
+        compute_s, copy_s = self._measured(wall_s)
         STAGE_MS.labels(stage="compute").observe(compute_s * 1000.0)
+        STAGE_MS.labels(stage="copy").observe(copy_s * 1000.0)
         BATCH_SIZE.labels(group=self.group).observe(n)
         self.latency.observe(counts, compute_s)
+        self.overhead_s = (1 - self.alpha) * self.overhead_s + self.alpha * max(0.0, wall_s - compute_s)
         now = time.time()
         compute_ms = compute_s * 1000.0
         done = [Done.of(j, wire.Reply.result(
             j.req_id, out, server_ms=(now - j.received) * 1000.0, epoch=j.epoch, group=j.group, batch=n,
-            timings=self._timings(j, start, compute_ms)))
+            timings=self._timings(j, start, compute_ms, copy_s * 1000.0)))
             for j, out in zip(jobs, outputs, strict=True)]
         t1 = time.perf_counter()
         try:
@@ -258,13 +277,21 @@ class BatchLoop:
         log.debug(Event.BATCH_DONE, size=n, composition=sorted(counts.items()), predicted_ms=round(predicted * 1e3, 3),
                   compute_ms=round(compute_s * 1e3, 3), reply_ms=round(reply_s * 1e3, 3), met=met)
 
+    def _measured(self, wall_s: float) -> tuple[float, float]:
+        """The batch's compute span and copies as the runner timed them; else the wall clock, no copies."""
+        runner = self.runner
+        if isinstance(runner, TimedRunner) and runner.last_compute_s is not None:
+            return runner.last_compute_s, runner.last_copy_s
+        return wall_s, 0.0
+
     @staticmethod
-    def _timings(job: Job, start: float, compute_ms: float) -> dict[str, float]:
-        """Where the server time went: ingress + stream hop, the batching hold, the model itself."""
+    def _timings(job: Job, start: float, compute_ms: float, copy_ms: float = 0.0) -> dict[str, float]:
+        """Where the server time went: ingress + stream hop, the batching hold, the model itself, and the
+        host↔device copies of its batch."""
         admitted = job.admitted or job.received
         return {"queue_ms": round(max(0.0, admitted - job.received) * 1000.0, 3),
                 "wait_ms": round(max(0.0, start - admitted) * 1000.0, 3),
-                "compute_ms": round(compute_ms, 3)}
+                "compute_ms": round(compute_ms, 3), "copy_ms": round(copy_ms, 3)}
 
     def _failure(self, job: Job, exc: GraftError, now: float, batch: int | None) -> wire.Reply:
         REQUESTS.labels(service="worker", outcome=str(exc.code)).inc()

@@ -32,7 +32,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import structlog
 import torch
 
@@ -40,7 +39,8 @@ from common.contract import keys
 from common.contract.errors import GraftError
 from common.logs import Event, bind, configure
 from common.metrics import PLAN_EPOCH, HealthServer
-from common.model.executor import FragmentRunner
+from common.model.executor import WARM_BATCH, FragmentRunner, warm_up
+from common.model.timing import prepare_device
 from common.settings import Settings
 from common.store.registry import Registry
 from common.store.streams import TRANSIENT, connect
@@ -190,6 +190,7 @@ class Replica:
 
     async def _load(self, r: Any) -> None:
         device = self._torch_device()
+        prepare_device(device)  # cuDNN autotuning on CUDA, as the profiler measured (common.model.timing)
         weights = Path(self.settings.weights_dir) / f"{self.model}.pt" if self.settings.weights_dir else None
         if weights is not None and not weights.exists():
             log.warning("weights_missing", model=self.model, path=str(weights), using="seeded random weights")
@@ -201,13 +202,15 @@ class Replica:
                                              device=device, weights=weights, seed=self.settings.seed)
         except (GraftError, ValueError) as exc:
             raise ReplicaConfigError(f"cannot build {self.model}: {exc}") from exc
-        await asyncio.to_thread(self._warm_up, runner)
+        self._profile = load_profile_model(self.settings, self.model)
+        # On CUDA every batch size a plan may assign (the profile's grid tops it): autotuning runs once
+        # per input shape, and must not land on a served batch.
+        await asyncio.to_thread(warm_up, runner, self._profile.batches[-1] if self._profile else WARM_BATCH)
         # The model and the libraries are loaded for good: keep the collector from rescanning them
         # (a full collection over a model's objects pauses the event loop for tens of milliseconds).
         gc.collect()
         gc.freeze()
         self.runner = runner
-        self._profile = load_profile_model(self.settings, self.model)
         latency = latency_model(self._profile, runner.n_blocks, self.share)
         intake = Intake(runner.info, max_tensor_bytes=self.settings.max_tensor_bytes,
                         max_budget_s=self.settings.max_slo_ms / 1000.0)
@@ -216,13 +219,6 @@ class Replica:
         self.feed = Feed(r, self.loop, intake, replier, block_ms=self.settings.block_ms,
                          max_deliveries=self.settings.max_deliveries, max_slo_ms=self.settings.max_slo_ms,
                          stream_maxlen=self.settings.stream_maxlen, min_idle_ms=self._min_idle_ms)
-
-    @staticmethod
-    def _warm_up(runner: FragmentRunner) -> None:
-        """A small mixed batch, so lazy initialisation never lands on a real batch."""
-        mid = runner.n_blocks // 2
-        items = [(c, np.zeros(runner.info.cut_shape(c), dtype=np.float32)) for c in (0, 0, mid)]
-        runner.run_numpy(items)
 
     def _min_idle_ms(self) -> int:
         """How long an entry must sit unacked at a sibling before this replica takes it: a few batch times."""
