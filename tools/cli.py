@@ -35,6 +35,7 @@ COMMAND_MODULES = (
     "tools.cli_bench",
     "tools.cli_up",
     "tools.cli_admin",
+    "tools.cli_doctor",
 )
 
 
