@@ -292,12 +292,12 @@ async def test_an_idle_loop_does_not_spin(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(loop.policy, "decide", counting)
     stop = asyncio.Event()
     task = asyncio.create_task(loop.run(stop))
-    await asyncio.sleep(1.2)
+    await asyncio.sleep(0.8)
     idle = decisions
-    assert idle <= 1 + 1.2 / loop_mod.IDLE_WAIT_S + 1  # woken by the idle timer only
+    assert idle <= 1 + 0.8 / loop_mod.IDLE_WAIT_S + 1  # woken by the idle timer only
     # one request with slack (slack mode): it waits for its slack, it does not poll
-    loop.add(job("s-0", 0, deadline_in_s=0.6))
-    await asyncio.sleep(1.0)
+    loop.add(job("s-0", 0, deadline_in_s=0.4))
+    await asyncio.sleep(0.7)
     assert 1 <= decisions - idle <= 6 and loop.served == 1
     stop.set()
     loop.wake()
