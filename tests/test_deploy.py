@@ -46,6 +46,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from common import metrics
+from common.contract import keys
 from common.settings import Settings, SettingsError
 from tools.redis_server import find_redis_server
 
@@ -521,7 +522,7 @@ def test_bundled_redis_starts_with_acl_aof_and_noeviction(
         assert run(probe, env=env).returncode == ready
     for user in sorted(set(secret) - {"admin"}):
         with redis.Redis(unix_socket_path=str(sock), username=user, password=secret[user]) as r:
-            assert r.xadd("graft:ingress", {"m": b"x"})
+            assert r.xadd(keys.INGRESS, {"m": b"x"})  # every service role may queue a request
             for command in (("FLUSHALL",), ("CONFIG", "GET", "maxmemory"), ("SET", "not-graft", 1),
                             ("CLIENT", "LIST"), ("KEYS", "*")):
                 with pytest.raises(redis.exceptions.NoPermissionError):
@@ -530,7 +531,7 @@ def test_bundled_redis_starts_with_acl_aof_and_noeviction(
         admin.config_set("maxmemory", 1)
         with redis.Redis(unix_socket_path=str(sock), username="ingress", password=secret["ingress"]) as r, \
                 pytest.raises(redis.exceptions.OutOfMemoryError):
-            r.xadd("graft:ingress", {"m": b"y"})  # full: refused, never evicted
+            r.xadd(keys.INGRESS, {"m": b"y"})  # full: refused, never evicted
 
 
 def test_bundled_redis_refuses_to_start_without_a_password(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import hashlib
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,11 +100,13 @@ SERVICES = ("planner", "ingress", "worker", "gateway")
 
 async def start_system(settings: Settings, profile_path: Path, *, log_dir: Path,
                        services: tuple[str, ...] = SERVICES,
-                       before_services: Callable[[str], Awaitable[None]] | None = None) -> System:
+                       before_services: Callable[[str], Awaitable[None]] | None = None,
+                       service_urls: Mapping[str, str] | None = None) -> System:
     """Start Redis (embedded unless ``settings.redis_url``) and the given services as children.
 
     ``before_services(url)`` runs once Redis answers and before any service starts (benchmarks use
-    it to publish a fixed plan instead of running the planner).
+    it to publish a fixed plan instead of running the planner). ``service_urls``: a Redis URL per
+    service (each service's own ACL user, ``common.contract.access``) instead of ``settings.redis_url``.
     """
     # The worker serves the device kind the profile was measured on: a CPU profile on a GPU host (GRAFT_DEVICE
     # =cpu) must not be handed to an agent that took the GPUs, whose placements the plan never names.
@@ -124,7 +126,9 @@ async def start_system(settings: Settings, profile_path: Path, *, log_dir: Path,
         if before_services is not None:
             await before_services(url)
         env = {**settings.with_(redis_url=url, profile=str(profile_path)).to_env(), "GRAFT_LOG_FORMAT": "json"}
-        specs = [ChildSpec(name, argv[name], env) for name in services]
+        urls = service_urls or {}
+        specs = [ChildSpec(name, argv[name], {**env, **({"REDIS_URL": urls[name]} if name in urls else {})})
+                 for name in services]
         sup = Supervisor(specs, log_dir=log_dir)
         await sup.start()
     except BaseException:
