@@ -55,8 +55,12 @@ class _Reader:
 class Feed:
     def __init__(self, r: Any, loop: BatchLoop, intake: Intake, replier: Replier, *, block_ms: int,
                  max_deliveries: int, max_slo_ms: float, stream_maxlen: int,
-                 min_idle_ms: Callable[[], int], reap_interval_s: float = 0.2) -> None:
+                 min_idle_ms: Callable[[], int], reap_interval_s: float = 0.2,
+                 on_reader_done: Callable[[asyncio.Task[None]], None] | None = None) -> None:
         self._r = r
+        # Told when a reader task ends (its exception, if any): one that died of an error it does not
+        # handle leaves a stream nobody reads behind a replica that looks alive (the replica crashes).
+        self._on_reader_done = on_reader_done
         self.loop, self.intake, self.replier = loop, intake, replier
         self._block_ms, self._max_deliveries = block_ms, max_deliveries
         self._max_slo_ms, self._stream_maxlen = max_slo_ms, stream_maxlen
@@ -105,6 +109,8 @@ class Feed:
                    max_deliveries=self._max_deliveries, on_claimed=claimed,
                    on_dead_lettered=self._on_dead_lettered, interval_s=self.reap_interval_s))
         reader.task = asyncio.create_task(self._read(stream, reader), name=f"read-{stream}")
+        if self._on_reader_done is not None:
+            reader.task.add_done_callback(self._on_reader_done)
         self._readers[stream] = reader
         log.info("stream_assigned", stream=stream, consumer=consumer)
 

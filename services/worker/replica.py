@@ -163,8 +163,9 @@ class Replica:
         self.load_abandoned = True
         return False
 
-    def _helper_done(self, task: asyncio.Task[None]) -> None:
-        """A helper that dies leaves a replica that looks alive but no longer reads: crash instead."""
+    def _helper_done(self, task: asyncio.Task[Any]) -> None:
+        """A helper (or a stream's reader) that dies leaves a replica that looks alive but no longer reads:
+        crash instead."""
         if task.cancelled() or task.exception() is None:
             return
         log.error("replica_helper_failed", task=task.get_name(), exc_info=task.exception())
@@ -218,7 +219,8 @@ class Replica:
         self.loop = BatchLoop(runner, latency, replier, max_batch=1, eager=self.settings.batching == "eager")
         self.feed = Feed(r, self.loop, intake, replier, block_ms=self.settings.block_ms,
                          max_deliveries=self.settings.max_deliveries, max_slo_ms=self.settings.max_slo_ms,
-                         stream_maxlen=self.settings.stream_maxlen, min_idle_ms=self._min_idle_ms)
+                         stream_maxlen=self.settings.stream_maxlen, min_idle_ms=self._min_idle_ms,
+                         on_reader_done=self._helper_done)
 
     def _min_idle_ms(self) -> int:
         """How long an entry must sit unacked at a sibling before this replica takes it: a few batch times."""
