@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from redis.exceptions import ResponseError
 from structlog.testing import capture_logs
 
 from common.contract import keys, wire
@@ -505,6 +506,22 @@ async def test_a_dead_helper_crashes_the_replica_instead_of_leaving_a_zombie(
     replica = Replica(settings(redis_url), name="rep", device="cpu0", model=MODEL, share=1)
     assert await asyncio.wait_for(replica.run(control.messages()), 30) == 1  # its reaper died: so does it
     assert "rep" not in await live_replicas(redis)
+
+
+async def test_a_reader_that_dies_crashes_the_replica(redis: Any, redis_url: str, monkeypatch: pytest.MonkeyPatch,
+                                                     blocks: list[torch.nn.Module]) -> None:
+    # Before the fix a stream's reader task that raised what it does not handle (an error reply, say OOM on
+    # a dead letter's XADD) ended silently: the replica went on heartbeating "serving" that stream, nobody
+    # read it, and its requests waited for their deadlines. Now the replica crashes and its slot moves on.
+    async def broken(self: Feed, entries: Any, stream: str, *, claimed: bool = False) -> None:
+        raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+
+    monkeypatch.setattr(Feed, "admit", broken)
+    _replica, run, control = await start(redis_url, serving(task()))
+    await put(redis, S1, [request(blocks, "x", 0, 1)[0]])
+    assert await asyncio.wait_for(run, 20) == 1
+    assert "rep" not in await live_replicas(redis)
+    control.close()
 
 
 async def test_what_cannot_be_served_here_is_exit_2(redis: Any, redis_url: str) -> None:
