@@ -249,7 +249,11 @@ class Replica:
     def apply(self, a: Assignment) -> None:
         """Re-target this process: consumer, share, batch size, the streams it reads."""
         assert self.loop is not None and self.feed is not None and self.runner is not None
-        if a.share != self.share or a.active is not None:
+        prev = self.assignment
+        # The same group again (a drained stream dropped, say): the loop keeps its latency model, memo of
+        # measured compositions included.
+        same_task = prev is not None and prev.active == a.active and prev.latency_scale == a.latency_scale
+        if a.share != self.share or (a.active is not None and not same_task):
             share_changed = a.share != self.share
             if share_changed and not self.device.is_gpu:
                 torch.set_num_threads(a.share)
