@@ -3,6 +3,8 @@
 | variable | default | meaning |
 |---|---|---|
 | REDIS_URL | (unset) | Redis to use; unset means ``graft up`` starts an embedded one |
+| GRAFT_REDIS_MODE | single | single: one Redis (or a primary with replicas); cluster: a Redis Cluster, ``REDIS_URL`` naming any node (``redis://`` or ``rediss://``, never a unix socket) |
+| GRAFT_INGRESS_SHARDS | 1 | ingress streams ``graft:{ingress}``, ``graft:{ingress:1}``, …; a producer writes to shard ``crc32(client id) mod shards`` (``keys.ingress_shard``), every ingress reads them all; producers and ingresses must agree |
 | GRAFT_PROFILE | shipped ``cpu`` or ``v100-estimated`` | profile file the planner and workers read |
 | GRAFT_MODELS | resnet18,mobilenet_v2 | models served (bootstrap plan covers every cut of each) |
 | GRAFT_RESOLUTION | 0 (each model's default) | input resolution of served models |
@@ -44,6 +46,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+MAX_INGRESS_SHARDS = 256
+
 
 class SettingsError(ValueError):
     """An environment variable has a value that cannot be used."""
@@ -72,6 +76,8 @@ def _is_host(value: str) -> bool:
 @dataclass(frozen=True)
 class Settings:
     redis_url: str | None = None
+    redis_mode: str = "single"
+    ingress_shards: int = 1
     profile: str | None = None
     models: tuple[str, ...] = ("resnet18", "mobilenet_v2")
     resolution: int = 0
@@ -110,6 +116,13 @@ class Settings:
                 f"GRAFT_BLOCK_MS ({self.block_ms}) must be positive and below the socket timeout "
                 f"({self.socket_timeout_s}s), or a blocked read would time out and be retried silently"
             )
+        if self.redis_mode not in ("single", "cluster"):
+            raise SettingsError(f"GRAFT_REDIS_MODE must be single or cluster, got {self.redis_mode!r}")
+        if self.redis_mode == "cluster" and self.redis_url and self.redis_url.startswith("unix"):
+            raise SettingsError("GRAFT_REDIS_MODE=cluster needs a redis:// or rediss:// REDIS_URL (a node's address), "
+                                f"not a unix socket: {self.redis_url!r}")
+        if not 1 <= self.ingress_shards <= MAX_INGRESS_SHARDS:
+            raise SettingsError(f"GRAFT_INGRESS_SHARDS must be in 1..{MAX_INGRESS_SHARDS}, got {self.ingress_shards}")
         if not 0 < self.rho <= 1:
             raise SettingsError(f"GRAFT_RHO must be in (0, 1], got {self.rho}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -3,6 +3,9 @@
 - ``redis_server``: the session's ``RedisServer`` (free port, no persistence), stopped by PID at exit;
 - ``redis_url``: its URL;
 - ``redis``: a fresh ``redis.asyncio.Redis`` (bytes responses) on a FLUSHALLed server, per test;
+- ``redis_cluster``: a real 3-master Redis Cluster (``RedisClusterServer``), started once per session on
+  first use and stopped by PID at exit; ``redis_cluster_url``: one node's URL (a cluster client finds
+  the others from it);
 - every test starts with structlog's defaults: a test that runs a service's ``main`` configures
   logging (level included) for the whole process, which must not leak into the next test.
 """
@@ -16,7 +19,7 @@ import structlog
 from hypothesis import HealthCheck, settings
 from redis.asyncio import Redis
 
-from tools.redis_server import RedisServer
+from tools.redis_server import RedisClusterServer, RedisServer
 
 # Property tests judge correctness, not speed: on a loaded 2-core CI machine an example may take longer
 # than hypothesis's default 200 ms deadline, and its "too slow" health check would fail a correct test.
@@ -53,3 +56,17 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServer]:
+    cluster = RedisClusterServer(masters=3).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(redis_cluster: RedisClusterServer) -> str:
+    return redis_cluster.url

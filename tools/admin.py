@@ -1,6 +1,9 @@
 """What the admin CLI asks of a live Graft: status, plans, dead letters, and commands to the planner.
 
 Plain async functions over a Redis client returning plain data; ``tools/cli_admin.py`` renders them.
+The client may be a Redis Cluster's (``GRAFT_REDIS_MODE=cluster``): statuses come from the registry
+(one key per kind, no scan), and dead letters are found by ``SCAN``, which a cluster client runs on
+every primary (each dead-letter stream sits on its own stream's slot, so they spread over masters).
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ async def group_backlogs(r: Any, view: PlanView) -> list[dict[str, Any]]:
 
 
 async def dead_letters(r: Any, count: int = 20) -> list[dict[str, Any]]:
-    """The newest dead letters of every stream."""
+    """The newest dead letters of every stream (on a cluster: of every primary)."""
     rows: list[dict[str, Any]] = []
     async for key in r.scan_iter(match=keys.dead_letters("*"), count=500):
         for entry_id, fields in await r.xrevrange(key, count=count):

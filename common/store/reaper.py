@@ -21,8 +21,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio import Redis
-
 from common.contract import keys
 from common.contract.errors import InvalidRequest
 from common.logs import Event, get_logger
@@ -31,6 +29,7 @@ from common.store.streams import (
     REDIS_DOWN,
     TRANSIENT,
     Backoff,
+    Client,
     DeadLetterHook,
     Entry,
     ack,
@@ -62,7 +61,7 @@ def _sid(raw: Any) -> str:
 
 class Reaper:
     def __init__(
-        self, r: Redis, stream: str, group: str, consumer: str, *, min_idle_ms: int, max_deliveries: int = 3,
+        self, r: Client, stream: str, group: str, consumer: str, *, min_idle_ms: int, max_deliveries: int = 3,
         on_claimed: ClaimHandler | None = None, on_dead_lettered: DeadLetterHook | None = None,
         count: int = 100, interval_s: float | None = None, dead_letter_maxlen: int = DEAD_LETTER_MAXLEN,
     ) -> None:

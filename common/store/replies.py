@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from common.contract import keys, wire
+from common.store.cluster import queue_script
 
 # KEYS[1] = ledger, KEYS[2] = reply stream
 # ARGV = member, forget_at_ms (0: now + horizon), payload, stream maxlen, stream idle ttl s, horizon ms
@@ -69,12 +70,13 @@ class ReplySender:
                 REPLY_STREAM_IDLE_TTL_S, DEDUPE_HORIZON_MS]
 
     async def add(self, pipe: Any, client: str, reply: wire.Reply, deadline: float | None = None) -> None:
-        """Queue one reply on ``pipe`` (a redis pipeline) — nothing is sent until it executes.
+        """Queue one reply on ``pipe`` (a redis pipeline, or a cluster one: ``queue_script``) — nothing is
+        sent until it executes.
 
         ``deadline`` (unix seconds): the request's; the ledger remembers the submission until a
         horizon after it (None: a horizon from now)."""
-        await self._script(keys=[keys.reply_ledger(client), keys.reply_stream(client)],
-                           args=self._args(reply, deadline), client=pipe)
+        await queue_script(pipe, self._script, [keys.reply_ledger(client), keys.reply_stream(client)],
+                           self._args(reply, deadline))
 
     async def send(self, client: str, reply: wire.Reply, deadline: float | None = None) -> bool:
         """Send one reply now; False when this submission was already answered."""

@@ -24,25 +24,32 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import ClusterDownError, ClusterError, ResponseError, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common.contract import keys
 from common.contract.errors import GraftError, InternalError, InvalidRequest
 from common.logs import Event, get_logger
 from common.settings import Settings
+from common.store.cluster import connect_cluster, connection_kwargs
 
 log = get_logger(__name__)
 
+# A single Redis or a Redis Cluster (GRAFT_REDIS_MODE=cluster): what ``connect`` returns.
+Client = Redis | RedisCluster
+# A cluster whose slots are moving or whose master failed answers CLUSTERDOWN, or has no node for a
+# slot for a moment: transient too.
+_CLUSTER_DOWN: tuple[type[Exception], ...] = (ClusterDownError, SlotNotCoveredError, ClusterError)
 # Errors after which a loop backs off and reconnects (BusyLoadingError, Redis replaying its AOF after
 # a restart, is a ConnectionError subclass).
-TRANSIENT: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+TRANSIENT: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError, *_CLUSTER_DOWN)
 # What a handler may raise to mean "Redis is down" rather than "this entry failed" (a handler's own
 # OSError or builtin TimeoutError is an entry failure: it must count towards dead-lettering).
-REDIS_DOWN: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError)
+REDIS_DOWN: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, *_CLUSTER_DOWN)
 DEAD_LETTER_MAXLEN = 10_000
 
 
@@ -69,9 +76,12 @@ def _sid(raw: bytes | str) -> str:
 # ---------------------------------------------------------------------------------- connections
 
 
-def connect(url: str, *, settings: Settings | None = None, client_name: str | None = None) -> Redis:
-    """An asyncio client with the timeouts, health checks and retries every Graft service uses."""
+def connect(url: str, *, settings: Settings | None = None, client_name: str | None = None) -> Client:
+    """An asyncio client with the timeouts, health checks and retries every Graft service uses: a
+    ``RedisCluster`` when ``settings.redis_mode`` is ``cluster`` (``url``: any node), else a ``Redis``."""
     s = settings if settings is not None else Settings.from_env()
+    if s.redis_mode == "cluster":
+        return connect_cluster(url, settings=s, client_name=client_name)
     # socket_timeout must exceed the BLOCK of blocking reads (Settings enforces block_ms < timeout):
     # a read still blocked server-side when the socket times out raises TimeoutError, and with a retry
     # policy redis-py then re-sends the XREADGROUP silently — the entries the first call delivered
@@ -109,9 +119,9 @@ async def wait_for_redis(url: str, timeout: float = 10.0, *, interval: float = 0
         await asyncio.sleep(interval)
 
 
-def block_below_timeout(r: Redis, block_ms: int) -> None:
-    """Refuse a BLOCK that reaches the client's socket timeout (see ``connect``)."""
-    timeout = r.connection_pool.connection_kwargs.get("socket_timeout")
+def block_below_timeout(r: Client, block_ms: int) -> None:
+    """Refuse a BLOCK that reaches the client's socket timeout (see ``connect``); a cluster client too."""
+    timeout = connection_kwargs(r).get("socket_timeout")
     if block_ms <= 0:
         raise ValueError(f"block_ms must be positive, got {block_ms}")
     if timeout is not None and block_ms / 1000.0 >= float(timeout):
@@ -138,7 +148,7 @@ class Backoff:
 # ------------------------------------------------------------------------------ groups and data
 
 
-async def ensure_group(r: Redis, stream: str, group: str, start_id: str = "0") -> bool:
+async def ensure_group(r: Client, stream: str, group: str, start_id: str = "0") -> bool:
     """Create ``group`` on ``stream`` (and the stream); True if created, False if it existed."""
     try:
         await r.xgroup_create(stream, group, id=start_id, mkstream=True)
@@ -153,13 +163,13 @@ def is_nogroup(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
 
 
-async def xadd(r: Redis, stream: str, payload: bytes, maxlen: int | None = None, *, approximate: bool = True) -> str:
+async def xadd(r: Client, stream: str, payload: bytes, maxlen: int | None = None, *, approximate: bool = True) -> str:
     """Append one payload (field ``m``) with an approximate length cap; return the entry id."""
     entry_id = await r.xadd(stream, {keys.FIELD: payload}, maxlen=maxlen, approximate=approximate)
     return _sid(entry_id)
 
 
-async def trim(r: Redis, stream: str, *, max_age_ms: float, maxlen: int | None = None,
+async def trim(r: Client, stream: str, *, max_age_ms: float, maxlen: int | None = None,
                approximate: bool = True) -> int:
     """Drop entries older than ``max_age_ms`` and cap the length; return how many were removed.
 
@@ -174,7 +184,7 @@ async def trim(r: Redis, stream: str, *, max_age_ms: float, maxlen: int | None =
     return removed
 
 
-async def safe_trim(r: Redis, stream: str, *, max_age_ms: float) -> int:
+async def safe_trim(r: Client, stream: str, *, max_age_ms: float) -> int:
     """Drop entries older than ``max_age_ms`` (Redis clock) that no consumer group still owes anything:
     never past a group's last delivered entry, never past its oldest pending one. Nothing is lost
     unanswered by trimming; returns how many entries went.
@@ -205,7 +215,7 @@ def _id_key(entry_id: str) -> tuple[int, int]:
     return int(ms or 0), int(seq or 0)
 
 
-async def deliveries(r: Redis, stream: str, group: str, ids: Sequence[str]) -> dict[str, int]:
+async def deliveries(r: Client, stream: str, group: str, ids: Sequence[str]) -> dict[str, int]:
     """Delivery counts of pending entries (XPENDING extended form); ids not pending are absent."""
     if not ids:
         return {}
@@ -220,7 +230,7 @@ async def deliveries(r: Redis, stream: str, group: str, ids: Sequence[str]) -> d
     return out
 
 
-async def ack(r: Redis, stream: str, group: str, ids: Iterable[str], *, delete: bool = False) -> int:
+async def ack(r: Client, stream: str, group: str, ids: Iterable[str], *, delete: bool = False) -> int:
     """XACK (and XDEL when ``delete``) in chunks, one pipelined round trip; return the number acked."""
     id_list = list(ids)
     if not id_list:
@@ -253,7 +263,7 @@ class DeadLetter:
 
 
 async def dead_letter(
-    r: Redis, stream: str, group: str, entry_id: str, payload: bytes | None, error: GraftError | str, *,
+    r: Client, stream: str, group: str, entry_id: str, payload: bytes | None, error: GraftError | str, *,
     deliveries: int = 0, consumer: str = "", maxlen: int = DEAD_LETTER_MAXLEN,
 ) -> str:
     """Move one entry to ``keys.dead_letters(stream)`` with its error and XACK it, atomically."""
@@ -272,7 +282,7 @@ async def dead_letter(
     return _sid(dead_id)
 
 
-async def list_dead_letters(r: Redis, stream: str, *, count: int = 100, start: str = "-") -> list[DeadLetter]:
+async def list_dead_letters(r: Client, stream: str, *, count: int = 100, start: str = "-") -> list[DeadLetter]:
     """The oldest ``count`` dead letters of ``stream`` from ``start`` (for the admin CLI)."""
     rows: list[tuple[Any, Any]] = list(await r.xrange(keys.dead_letters(stream), min=start, max="+", count=count) or [])
     out: list[DeadLetter] = []
@@ -312,7 +322,7 @@ class StreamConsumer:
     """
 
     def __init__(
-        self, r: Redis, stream: str, group: str, consumer: str, *, count: int = 16, block_ms: int = 100,
+        self, r: Client, stream: str, group: str, consumer: str, *, count: int = 16, block_ms: int = 100,
         max_deliveries: int | None = 3, start_id: str = "0", dead_letter_maxlen: int = DEAD_LETTER_MAXLEN,
         on_dead_lettered: DeadLetterHook | None = None,
     ) -> None:

@@ -8,7 +8,18 @@ msgpack map (the *envelope*). Python producers use ``common.client.sdk.GraftClie
 
 1. Submitting a request
 -----------------------
-``XADD graft:ingress * m <envelope>`` (you may add ``MAXLEN ~ 100000``). The envelope::
+``XADD graft:{ingress} * m <envelope>`` (you may add ``MAXLEN ~ 100000``) — the braces are part of the
+name (a Redis Cluster hash tag). With ``GRAFT_INGRESS_SHARDS`` = N > 1 the ingress reads N streams,
+``graft:{ingress}`` (shard 0) and ``graft:{ingress:k}`` for k = 1 .. N-1, and a producer writes all of its
+requests to one of them, picked by a stable hash of its client id::
+
+    shard = crc32(utf8(client)) mod N        # CRC-32/IEEE, as zlib.crc32, Java's CRC32, Go's crc32.ChecksumIEEE
+    stream = "graft:{ingress}" if shard == 0 else "graft:{ingress:" + str(shard) + "}"
+
+(``common.contract.keys.client_ingress_stream``). Producers must use the same N as the ingress: a
+request XADDed to a shard no ingress reads is never answered. On a Redis Cluster
+(``GRAFT_REDIS_MODE=cluster``) connect with a cluster client to any node; it sends each key's command
+to the master that owns its slot. The envelope::
 
     {"v": 1, "kind": "request",
      "req_id": str,        # unique per request, 1-256 printable characters, no spaces
@@ -32,15 +43,17 @@ overwritten (``deadline = ingress receive time + budget_ms``, on the server's cl
 **Large tensors as blobs.** Instead of inline bytes, a request may reference a *blob*, so the stream
 entry stays small (streams keep entries for up to ``GRAFT_MAX_SLO_MS``)::
 
-    SET graft:blob:{req_id} <raw little-endian bytes, C order> PX <budget_ms + margin>
-    XADD graft:ingress * m {..., "tensor": {"dtype": "float32", "shape": [C, H, W], "data": nil},
-                            "blob": "graft:blob:{req_id}"}
+    SET graft:blob:<req_id> <raw little-endian bytes, C order> PX <budget_ms + margin>
+    XADD graft:{ingress} * m {..., "tensor": {"dtype": "float32", "shape": [C, H, W], "data": nil},
+                              "blob": "graft:blob:<req_id>"}
 
-in that order (one pipeline is fine: Redis runs it in order). The key must be exactly
-``graft:blob:{req_id}`` with the request's own ``req_id``; ``tensor`` carries dtype and shape with
+in that order. On a single Redis one pipeline is fine (Redis runs it in order). On a Redis Cluster the
+blob and the stream are on different masters and a pipeline gives no order across them: wait for the
+SET's ``OK``, then XADD. The key must be exactly ``graft:blob:<req_id>`` (no braces) with the request's
+own ``req_id``; ``tensor`` carries dtype and shape with
 ``data`` nil (or absent), and the same rules apply to them as to an inline tensor. The blob must hold
 exactly ``prod(shape) * 4`` bytes when the ingress reads the request, so its TTL must cover the wait
-in ``graft:ingress`` (the SDK uses budget + 5 s). Once it routes the request, the ingress sets the
+in the ingress stream (the SDK uses budget + 5 s). Once it routes the request, the ingress sets the
 blob's TTL to ``budget_ms`` + 2 s from then (deadline-based, server clock); the replica that answers
 deletes it right after its reply, and a refused request's blob is deleted with the error reply. A
 blob that vanished before a replica read it is answered ``DEADLINE_EXCEEDED`` when the deadline has
@@ -79,15 +92,16 @@ INTERNAL           a server fault
 =================  ===========================================================================
 
 A message without readable ``req_id`` and ``client`` cannot be answered: it is moved to the
-dead-letter stream ``graft:dead:graft:ingress`` (fields ``m``, ``code``, ``message``, ``stream``,
+dead-letter stream of its shard, ``graft:dead:graft:{ingress}`` (or ``graft:dead:graft:{ingress:k}``; fields ``m``, ``code``, ``message``, ``stream``,
 ``group``, ``id``, ``deliveries``, ``consumer``, ``time_ms``) and counted in
 ``graft_requests_total{service="ingress",outcome="MALFORMED"}``.
 
 4. Inside the server (for operators)
 ------------------------------------
-Ingress processes share the consumer group ``ingress`` on ``graft:ingress``; each routes a batch to
-``graft:group:{epoch}:{gid}`` (consumer group ``workers``) and XADDs per-fragment statistics to
-``graft:stats`` every second (``kind: "stats"``: ``ingress``, ``ts``, ``window_s``, ``fragments``
+Ingress processes share the consumer group ``ingress`` on every ingress shard (each process reads
+every shard: one consumer and one reaper per shard, acking each entry on its own shard); each routes
+a batch to ``graft:group:{epoch:gid}`` (consumer group ``workers``) and XADDs per-fragment statistics to
+``graft:{stats}`` every second (``kind: "stats"``: ``ingress``, ``ts``, ``window_s``, ``fragments``
 of ``{model, cut, count, min_budget_ms, p50_budget_ms}``, ``accepted``, ``rejected`` by code,
 ``shed``). Heartbeat: ``graft:health:ingress:{name}`` (``python -m services.ingress --check``).
 """

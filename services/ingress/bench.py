@@ -6,11 +6,17 @@ last cut, 2 KiB each), registers a stand-in replica reading both group streams (
 to streams a live replica reads), starts the ingress loop in-process, and times from its first read
 until every request sits in a group stream. The plan's capacity is huge and the budgets long, so
 nothing is shed: this measures the validate → stamp → route → XACK path alone.
+
+``redis_mode="cluster"`` runs it against a Redis Cluster (``redis_url``: any node): the same requests
+on shard 0, routed to two group streams on their own slots. ``python -m services.ingress.bench [n]
+[--cluster]`` measures a single Redis (unix socket, as ``graft bench runtime`` does, and TCP) and, with
+``--cluster``, a private 3-master cluster, in alternating rounds of one run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -41,6 +47,17 @@ def bench_plan(epoch: int = 1) -> dict[str, Any]:
             "infeasible": [], "placement": [], "total_share": 0, "gpus": 0, "routes": {}}
 
 
+async def _stand_in_replica(r: Any, plan: dict[str, Any], stop: asyncio.Event) -> None:
+    """Heartbeats of a replica reading both group streams, until ``stop`` (the ingress forgets a replica
+    it has not heard from for 2 s, and writing the requests alone can take longer on a busy host)."""
+    replicas = Registry(r, keys.REPLICA_KIND, 60.0)
+    body = {"state": "serving", "streams": [keys.group_stream(1, g["id"]) for g in plan["groups"]]}
+    while not stop.is_set():
+        await replicas.beat("bench-replica", body)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)
+
+
 def _requests(n: int, client: str) -> list[bytes]:
     info = describe(BENCH_MODEL, BENCH_RESOLUTION)
     cut = info.n_blocks - 1
@@ -49,20 +66,20 @@ def _requests(n: int, client: str) -> list[bytes]:
                                              tensor=tensor, budget_ms=30_000.0)) for i in range(n)]
 
 
-async def measure_routing_rate(redis_url: str, n: int = 20_000, *, count: int = 256) -> float:
+async def measure_routing_rate(redis_url: str, n: int = 20_000, *, count: int = 256,
+                               redis_mode: str = "single") -> float:
     """Requests per second routed by one in-process ingress (wall clock, this machine)."""
-    settings = Settings(redis_url=redis_url, models=(BENCH_MODEL,), resolution=BENCH_RESOLUTION,
-                        stream_maxlen=max(100_000, 2 * n))
+    settings = Settings(redis_url=redis_url, redis_mode=redis_mode, models=(BENCH_MODEL,),
+                        resolution=BENCH_RESOLUTION, stream_maxlen=max(100_000, 2 * n))
     r = connect(redis_url, settings=settings)
     stop = asyncio.Event()
+    beating: asyncio.Task[None] | None = None
     try:
         if await r.exists(keys.PLAN, keys.INGRESS):
             raise RuntimeError("the routing bench needs an empty Redis (it found a plan or an ingress stream)")
         plan = bench_plan()
         await publish_plan(r, plan)
-        replicas = Registry(r, keys.REPLICA_KIND, 60.0)
-        await replicas.beat("bench-replica", {"state": "serving",
-                                              "streams": [keys.group_stream(1, g["id"]) for g in plan["groups"]]})
+        beating = asyncio.create_task(_stand_in_replica(r, plan, stop))
         await ensure_group(r, keys.INGRESS, keys.INGRESS_GROUP, "0")
         payloads = _requests(n, f"bench-{uuid.uuid4().hex[:8]}")
         for i in range(0, n, 1000):
@@ -87,21 +104,45 @@ async def measure_routing_rate(redis_url: str, n: int = 20_000, *, count: int = 
         return n / elapsed
     finally:
         stop.set()
+        if beating is not None:
+            await beating
         streams = [keys.INGRESS, keys.STATS, keys.PLAN, keys.PLANS, *[keys.group_stream(1, g) for g in ("g0", "g1")],
                    keys.registry(keys.REPLICA_KIND), keys.registry_seen(keys.REPLICA_KIND)]
         await r.delete(*streams)
         await r.aclose()
 
 
+async def compare(n: int, *, cluster: bool, rounds: int = 3) -> dict[str, list[float]]:
+    """Routing rates on a single Redis (unix socket and TCP) and, with ``cluster``, on a 3-master
+    cluster, measured in alternating rounds so a busy host slows every setup alike."""
+    from tools.redis_server import RedisClusterServer, RedisServer
+
+    rates: dict[str, list[float]] = {"single (unix socket)": [], "single (tcp)": []}
+    with RedisServer(local_socket=True) as unix, RedisServer() as tcp, \
+            (RedisClusterServer() if cluster else contextlib.nullcontext()) as clu:
+        setups: list[tuple[str, str, str]] = [("single (unix socket)", unix.url, "single"),
+                                              ("single (tcp)", tcp.url, "single")]
+        if clu is not None:
+            rates["cluster (3 masters, tcp)"] = []
+            setups.append(("cluster (3 masters, tcp)", clu.url, "cluster"))
+        for _ in range(rounds):
+            for name, url, mode in setups:
+                rates[name].append(await measure_routing_rate(url, n, redis_mode=mode))
+    return rates
+
+
 def main() -> None:
     import sys
 
-    from tools.redis_server import RedisServer
-
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
-    with RedisServer(local_socket=True) as server:
-        rate = asyncio.run(measure_routing_rate(server.url, n))
-    print(f"ingress routed {n} requests at {rate:,.0f} req/s")
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    n = int(args[0]) if args else 20_000
+    rates = asyncio.run(compare(n, cluster="--cluster" in sys.argv))
+    for name, runs in rates.items():
+        print(f"{name:26s} best {max(runs):>9,.0f} req/s   runs " + ", ".join(f"{x:,.0f}" for x in runs))
+    if "cluster (3 masters, tcp)" in rates:
+        best = max(rates["cluster (3 masters, tcp)"])
+        for name in ("single (unix socket)", "single (tcp)"):
+            print(f"cluster / {name}: {best / max(rates[name]):.2f}")
 
 
 if __name__ == "__main__":

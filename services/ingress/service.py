@@ -1,15 +1,17 @@
 """The ingress loop: read a batch of requests, validate, stamp deadlines, route or answer, in one write.
 
-Each batch read from ``graft:ingress`` becomes one pipelined round trip (``batch.py``): an XADD per
-routed request to its group stream, an error reply per refused request, one XACK for the whole
-batch. A batch holding blob requests costs one round trip more, before that one: a STRLEN per blob
-(it must hold exactly the bytes its dtype and shape need) and a PEXPIRE that ties the blob's life to
-the request's deadline.
+Each batch read from an ingress shard (``keys.ingress_stream(k)``, ``GRAFT_INGRESS_SHARDS`` of them;
+every process reads them all, one consumer and one reaper per shard) becomes one pipelined round trip
+(``batch.py``): an XADD per routed request to its group stream, an error reply per refused request,
+one XACK on the shard for the whole batch (on a Redis Cluster the XACK is a second round trip, once
+the writes succeeded). A batch holding blob requests costs one round trip more, before that one: a
+STRLEN per blob (it must hold exactly the bytes its dtype and shape need) and a PEXPIRE that ties the
+blob's life to the request's deadline.
 
 **Deadlines count from when Redis accepted the entry**: the receive time is the timestamp in the
-entry's id (the Redis server's clock — one clock for every ingress, and time spent queued while an
-ingress was down counts). A request whose deadline passed before it was read is answered
-``DEADLINE_EXCEEDED`` at once.
+entry's id (the Redis server's clock — on a cluster, that of the master holding the shard — one clock
+for every ingress, and time spent queued while an ingress was down counts). A request whose deadline
+passed before it was read is answered ``DEADLINE_EXCEEDED`` at once.
 
 **Routing** follows the current plan, but only to group streams that a live replica reads (the
 replica registry, ``serving.py``); when a group has none, its requests go to another live group of
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import time
 from collections.abc import Awaitable, Callable
@@ -87,6 +90,7 @@ class IngressService:
         status: Status | None = None,
     ) -> None:
         self.r, self.settings, self.name = r, settings, name
+        self.shards = keys.ingress_streams(settings.ingress_shards)  # every process reads every shard
         self.count, self.block_ms = count, block_ms or min(settings.block_ms, 50)
         self.plan_interval_s, self.shed_interval_s = plan_interval_s, shed_interval_s
         self.serving_interval_s, self.stats_interval_s, self.trim_interval_s = (
@@ -179,23 +183,23 @@ class IngressService:
             counter = self._outcomes[code] = REQUESTS.labels(service=SERVICE, outcome=code)
         return counter
 
-    async def handle_batch(self, entries: list[Entry]) -> None:
-        """Route or answer every entry, then XACK them all, in one pipelined round trip."""
+    async def handle_batch(self, entries: list[Entry], stream: str = keys.INGRESS) -> None:
+        """Route or answer every entry (all read from the ingress shard ``stream``), then XACK them there."""
         if self._next_view is not None and not self._in_batch:
             self._switch(self._next_view)
             self._next_view = None
         self._in_batch += 1
         try:
-            await self._handle(entries)
+            await self._handle(entries, stream)
         finally:
             self._in_batch -= 1
 
-    async def _handle(self, entries: list[Entry]) -> None:
+    async def _handle(self, entries: list[Entry], stream: str) -> None:
         if not entries:
             return
         view = self.view
         assert view is not None, "handle_batch before the first plan"
-        batch = Batch()
+        batch = Batch(stream)
         for entry in entries:
             t0 = time.perf_counter()
             outcome = Outcome(entry)
@@ -267,7 +271,7 @@ class IngressService:
                                  retry_after_ms=NO_REPLICA_RETRY_MS, model=req.model)
             if left_ms <= 0:
                 raise DeadlineExceeded(f"the deadline passed {-left_ms:.0f} ms before the ingress read the request "
-                                       f"(it waited in {keys.INGRESS})", late_ms=round(-left_ms, 3))
+                                       "(it waited in the ingress stream)", late_ms=round(-left_ms, 3))
             if self.shedding:
                 self._admit(view, spec.id, req, left_ms)
         except GraftError as exc:
@@ -299,6 +303,9 @@ class IngressService:
         failed = batch.failed
         if any(isinstance(o.failure, TRANSIENT) for o in failed):
             raise next(o.failure for o in failed if isinstance(o.failure, TRANSIENT))
+        down = next((o.unwritten for o in batch.unwritten if isinstance(o.unwritten, TRANSIENT)), None)
+        if down is not None:  # cluster: replies not written, their entries left pending: re-read them
+            raise down
         if failed:
             # Acked already, so answer now rather than lose them: the write itself failed (e.g. OOM).
             log.error(Event.BATCH_FAILED, ingress=self.name, failed=len(failed), error=repr(failed[0].failure))
@@ -330,7 +337,7 @@ class IngressService:
             assert o.error is not None
             log.warning(Event.MALFORMED, ingress=self.name, entry_id=o.entry.id, code=str(o.error.code),
                         error=o.error.message)
-            await dead_letter(self.r, keys.INGRESS, keys.INGRESS_GROUP, o.entry.id, o.entry.payload, o.error,
+            await dead_letter(self.r, batch.stream, keys.INGRESS_GROUP, o.entry.id, o.entry.payload, o.error,
                               deliveries=o.entry.deliveries, consumer=self.name)
             _MALFORMED.inc()
             self.stats.record_rejected("MALFORMED")
@@ -386,7 +393,8 @@ class IngressService:
                           maxlen=self.settings.stream_maxlen, approximate=True)
 
     async def trim_ingress(self) -> None:
-        await safe_trim(self.r, keys.INGRESS, max_age_ms=self.settings.max_slo_ms)
+        for stream in self.shards:
+            await safe_trim(self.r, stream, max_age_ms=self.settings.max_slo_ms)
 
     # ------------------------------------------------------------------------------------- running
 
@@ -402,24 +410,28 @@ class IngressService:
                 return
             with contextlib.suppress(*TRANSIENT):
                 await self.poll_serving()  # know who is alive before the first batch is routed
-            consumer = StreamConsumer(
-                self.r, keys.INGRESS, keys.INGRESS_GROUP, self.name, count=self.count, block_ms=self.block_ms,
-                max_deliveries=self.settings.max_deliveries, on_dead_lettered=self._on_dead_lettered,
-            )
-            reaper = Reaper(self.r, keys.INGRESS, keys.INGRESS_GROUP, self.name, min_idle_ms=RECLAIM_IDLE_MS,
-                            max_deliveries=self.settings.max_deliveries, on_claimed=self.handle_batch,
-                            on_dead_lettered=self._on_dead_lettered, count=self.count, interval_s=0.5)
+            consumers, reapers = [], []
+            for stream in self.shards:  # XREADGROUP over several streams would be cross-slot on a cluster
+                handle = functools.partial(self.handle_batch, stream=stream)
+                consumers.append(StreamConsumer(
+                    self.r, stream, keys.INGRESS_GROUP, self.name, count=self.count, block_ms=self.block_ms,
+                    max_deliveries=self.settings.max_deliveries, on_dead_lettered=self._on_dead_lettered,
+                ))
+                reapers.append(Reaper(self.r, stream, keys.INGRESS_GROUP, self.name, min_idle_ms=RECLAIM_IDLE_MS,
+                                      max_deliveries=self.settings.max_deliveries, on_claimed=handle,
+                                      on_dead_lettered=self._on_dead_lettered, count=self.count, interval_s=0.5))
             side += [asyncio.create_task(c) for c in (
                 self._every(self.plan_interval_s, stop, self.poll_plan),
                 self._every(self.shed_interval_s, stop, self.poll_backlog),
                 self._every(self.stats_interval_s, stop, self.flush_stats),
                 self._every(self.trim_interval_s, stop, self.trim_ingress),
-                reaper.run(stop),
+                *(reaper.run(stop) for reaper in reapers),
             )]
             gc.collect()
             gc.freeze()  # the catalog and libraries stay: spare every later collection scanning them
             self.ready.set()
-            await consumer.run(self.handle_batch, stop=stop, auto_ack=False)
+            await asyncio.gather(*(c.run(functools.partial(self.handle_batch, stream=c.stream), stop=stop,
+                                         auto_ack=False) for c in consumers))
         finally:
             stop.set()
             for task in side:

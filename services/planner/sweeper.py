@@ -22,9 +22,13 @@ has seen in plans (no keyspace scan):
   of the same stream as new entries (so the returning replica reads them as new) — at most once per
   pass per entry.
 
-A re-route is one Lua script — still pending here? XADD to the target, then XACK — so two sweepers at
-once cannot route an entry twice, and a failed XADD leaves it pending. Replies go through
-``ReplySender`` (exactly once per submission) and are acked in the same pipelined round trip.
+The writes of a page (``rerouting.py``): on a single Redis one pipelined round trip, a re-route being
+one Lua script — still pending here? XADD to the target, then XACK — so two sweepers at once cannot
+route an entry twice, and a failed XADD leaves it pending; replies go through ``ReplySender`` (exactly
+once per submission) and are acked in the same round trip. On a Redis Cluster the swept and the target
+stream sit on different slots, so a re-route is XADD, then (second round trip) XACK, without the
+script: an entry may be re-delivered once more when a sweeper dies between the two, and its client
+still gets exactly one reply (the reply ledger).
 One ``orphan_stream_swept`` log line per swept stream; ``graft_swept_total{outcome}`` counts entries.
 """
 
@@ -67,6 +71,7 @@ from common.store.streams import (
     dead_letter,
     ensure_group,
 )
+from services.planner.rerouting import Rerouter
 
 log = logs.get_logger("graft.planner.sweeper")
 
@@ -77,19 +82,6 @@ REPLICA_TTL_S = 2.0
 HISTORY_EPOCHS = 50        # retired streams are looked for in this many past plans at start
 PAGE = 100                 # entries per XAUTOCLAIM / XREADGROUP page
 MAX_PAGES = 10_000         # per stream and pass (new entries arriving meanwhile cannot keep a pass going)
-
-# KEYS[1] = retired stream, KEYS[2] = target stream; ARGV = group, entry id, payload, maxlen, field.
-# Re-route an entry only while it is still pending in the retired stream's group, XADD before XACK:
-# a second sweeper finds it acked and does nothing, and an XADD that fails leaves it pending.
-_REROUTE = """
-local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-if #pending == 0 then
-  return 0
-end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', tonumber(ARGV[4]), '*', ARGV[5], ARGV[3])
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-return 1
-"""
 
 
 def _sid(raw: Any) -> str:
@@ -152,19 +144,8 @@ class _StreamSweep:
         for target in {t for _, t, _ in reroutes}:
             await self.s.prepare_target(target)
         if reroutes or replies:
-            async with self.s.r.pipeline(transaction=False) as pipe:
-                for entry_id, target, payload in reroutes:
-                    await self.s.reroute_script(keys=[self.stream, target],
-                                                args=[keys.WORKER_GROUP, entry_id, payload,
-                                                      self.s.settings.stream_maxlen, keys.FIELD], client=pipe)
-                for _, client, answer, _ in replies:
-                    await self.s.sender.add(pipe, client, answer, now)
-                if replies:
-                    pipe.xack(self.stream, keys.WORKER_GROUP, *[entry_id for entry_id, *_ in replies])
-                if blobs:
-                    pipe.delete(*blobs)
-                results = await pipe.execute()
-            moved = [t for (_, t, _), res in zip(reroutes, results[:len(reroutes)], strict=True) if int(res) == 1]
+            flags = await self.s.rerouter.write(self.stream, reroutes, replies, blobs, now)
+            moved = [t for (_, t, _), ok in zip(reroutes, flags, strict=True) if ok]
             self.report.add("requeued", sum(1 for t in moved if t == self.stream))  # back at the end of its stream
             self.report.add("rerouted", sum(1 for t in moved if t != self.stream))
             self.report.add("taken", len(reroutes) - len(moved))  # another sweeper re-routed them first
@@ -241,7 +222,7 @@ class OrphanSweeper:
         self.idle_grace_s = idle_grace_s
         self.orphan_grace_s = orphan_grace_s
         self.sender = ReplySender(r)
-        self.reroute_script = r.register_script(_REROUTE)
+        self.rerouter = Rerouter(r, self.sender, maxlen=settings.stream_maxlen)
         self.replicas = Registry(r, keys.REPLICA_KIND, REPLICA_TTL_S)
         self._orphan_since: dict[str, float] = {}      # stream → when first seen without a live reader
         self._retired: dict[str, tuple[int, str]] = {}  # retired stream → (epoch, group)

@@ -1,4 +1,5 @@
-"""A replica's way out: the replies of a batch, the XACKs of its entries and its blobs, in one round trip.
+"""A replica's way out: the replies of a batch, the XACKs of its entries and its blobs, in one round trip
+(two on a Redis Cluster, whose pipelines do not order nodes: the XACKs and deletions after the replies).
 
 In that order: a request's blob goes only after its reply and its ack, so a replica that crashes
 first — or a reaper that reclaims the entry — can still read it. The pipeline is retried on a lost
@@ -17,6 +18,7 @@ import structlog
 
 from common.contract import keys
 from common.logs import Event
+from common.store.cluster import is_cluster
 from common.store.replies import ReplySender
 from common.store.streams import TRANSIENT, Backoff
 from services.worker.loop import Done
@@ -42,19 +44,31 @@ class Replier:
         blobs = [d.blob for d in done if d.blob is not None]
         for attempt in range(RETRIES):
             try:
+                # A cluster pipeline runs each node's commands independently: there the XACKs and blob
+                # deletions wait for the replies in a second round trip, so no entry is acked unanswered.
+                split = is_cluster(self._r)
                 async with self._r.pipeline(transaction=False) as pipe:
                     for d in done:
                         if d.client is not None:
                             await self.sender.add(pipe, d.client, d.reply, d.deadline)
-                    for stream, ids in acks.items():
-                        if stream:
-                            pipe.xack(stream, keys.WORKER_GROUP, *ids)
-                    if blobs:
-                        pipe.delete(*blobs)
+                    if not split:
+                        self._ack(pipe, acks, blobs)
                     await pipe.execute()
+                if split:
+                    async with self._r.pipeline(transaction=False) as pipe:
+                        self._ack(pipe, acks, blobs)
+                        await pipe.execute()
                 self.sent += len(done)
                 return
             except TRANSIENT as exc:
                 log.warning(Event.REDIS_RECONNECT, error=repr(exc), during="reply", attempt=attempt + 1)
                 await asyncio.sleep(backoff.next())
         log.error("replies_not_sent", count=len(done), streams=sorted(acks))
+
+    @staticmethod
+    def _ack(pipe: Any, acks: dict[str, list[str]], blobs: list[str]) -> None:
+        for stream, ids in acks.items():
+            if stream:
+                pipe.xack(stream, keys.WORKER_GROUP, *ids)
+        if blobs:
+            pipe.delete(*blobs)
