@@ -6,7 +6,7 @@
 | GRAFT_REDIS_MODE | single | single: one Redis (or a primary with replicas); cluster: a Redis Cluster, ``REDIS_URL`` naming any node (``redis://`` or ``rediss://``, never a unix socket) |
 | GRAFT_INGRESS_SHARDS | 1 | ingress streams ``graft:{ingress}``, ``graft:{ingress:1}``, …; a producer writes to shard ``crc32(client id) mod shards`` (``keys.ingress_shard``), every ingress reads them all; producers and ingresses must agree |
 | GRAFT_PROFILE | shipped ``cpu`` or ``v100-estimated`` | profile file the planner and workers read |
-| GRAFT_MODELS | resnet18,mobilenet_v2 | models served (bootstrap plan covers every cut of each) |
+| GRAFT_MODELS | resnet18,mobilenet_v2 | models served (the bootstrap plan covers every cut of each; later plans the cuts with traffic) |
 | GRAFT_RESOLUTION | 0 (each model's default) | input resolution of served models |
 | GRAFT_DEVICE | auto | worker device: auto, cpu, cuda |
 | GRAFT_NODE | (empty) | this host's name in device names: a worker agent's devices become ``{node}/gpu0``, ``{node}/cpu0``, … (empty: plain ``gpu0``, ``cpu0``, one host); every host of a deployment needs its own |
@@ -17,11 +17,11 @@
 | GRAFT_MAX_DELIVERIES | 3 | deliveries before an entry goes to the dead-letter stream |
 | GRAFT_MAX_TENSOR_BYTES | 33554432 | largest request tensor accepted by ingress |
 | GRAFT_MAX_SLO_MS | 60000 | largest SLO/budget accepted; also the stream trimming age |
-| GRAFT_STREAM_MAXLEN | 100000 | approximate length cap of every stream |
+| GRAFT_STREAM_MAXLEN | 100000 | approximate length cap of the statistics and dead-letter streams (request streams are never capped: they are trimmed only past what every consumer has finished, older than GRAFT_MAX_SLO_MS) |
 | GRAFT_REPLAN_S | 10 | minimum epoch length of the planner (s) |
 | GRAFT_DRIFT | 0.25 | relative rate drift that triggers a re-plan |
 | GRAFT_BATCHING | eager | eager: an idle replica launches what is queued (work-conserving); slack: hold until the head's slack runs out |
-| GRAFT_SWITCH_TIMEOUT_S | 30 | longest the ingress waits for a new plan's replicas before switching anyway (s) |
+| GRAFT_SWITCH_TIMEOUT_S | 30 | longest the ingress waits for every group stream of a new plan to have a live reader before switching anyway (s) |
 | GRAFT_METRICS_PORT | 0 | base Prometheus port (0: pick a free port per service) |
 | GRAFT_METRICS_HOST | 127.0.0.1 | address the metrics/health endpoints bind (0.0.0.0: every interface, e.g. in a container) |
 | GRAFT_LOG_LEVEL | info | log level |
