@@ -47,7 +47,7 @@ demo: venv
 
 bench: venv
 	$(VENV)/bin/graft bench plan --out bench-out/plan
-	$(VENV)/bin/graft bench runtime --out bench-out/runtime
+	$(VENV)/bin/graft bench e2e --out bench-out/e2e
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench-out

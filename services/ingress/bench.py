@@ -1,4 +1,4 @@
-"""How many small requests per second one ingress process routes (``graft bench runtime`` calls this).
+"""How many small requests per second one ingress process routes (``graft bench e2e`` reports it).
 
 The bench needs a Redis of its own: it publishes a plan and writes the ingress stream, so it refuses a
 Redis that already holds a plan or an ingress stream. It XADDs ``n`` pre-encoded requests (resnet18's
