@@ -38,10 +38,12 @@ from common.settings import Settings
 from common.store.plan_store import load_plan
 from common.store.registry import Registry
 from common.store.streams import connect
+from services.ingress.bench import measure_routing_rate
 from tools.admin import send_control
 from tools.bench_limit import best_limit, limits_dict, unit_times
 from tools.console import make_console
 from tools.loadgen import LoadReport, RequestClass, Submitter, drive, mix_arrivals
+from tools.redis_server import RedisServer
 from tools.up import System, ensure_profile, start_system, wait_ready
 
 console = make_console()
@@ -248,6 +250,9 @@ async def _run(out: Path, *, quick: bool, model: str, resolution: int, cuts: lis
     profile_path, _ = ensure_profile(settings, progress=True, refresh=True)
     console.print(f"profile measured now: {profile_path}")
     limits: dict[float, dict[str, Any]] = {}
+    with RedisServer(local_socket=True) as private:  # one ingress process alone: requests routed per second
+        routing_rps = await measure_routing_rate(private.url, n=5_000 if quick else 20_000)
+    console.print(f"one ingress routes {routing_rps:,.0f} req/s")
     before = unit_times(model, resolution, cuts, threads=threads)
     services = ("planner", "ingress", "worker", *(("gateway",) if via != "redis" else ()))
     system = await start_system(settings, profile_path, log_dir=out / "logs", services=services)
@@ -285,7 +290,7 @@ async def _run(out: Path, *, quick: bool, model: str, resolution: int, cuts: lis
     limits_after = {b: limits_dict(best_limit(after, len(cuts), b)) for b in budgets}
     result = {
         "model": model, "resolution": resolution, "cuts": cuts, "budgets_ms": budgets, "policies": policies,
-        "via": via, "threads": threads, "target": TARGET, "duration_s": duration_s or (5.0 if quick else 12.0),
+        "via": via, "threads": threads, "target": TARGET, "routing_rps": routing_rps, "duration_s": duration_s or (5.0 if quick else 12.0),
         "limits_before": limits, "limits_after": limits_after,
         "unit_times_ms": {"before": before, "after": after},
         "searches": [{"policy": s.policy, "budget_ms": s.budget_ms, "max_rps": s.max_rps,
@@ -293,9 +298,19 @@ async def _run(out: Path, *, quick: bool, model: str, resolution: int, cuts: lis
         "overhead": [_point_json(p) for p in overhead],
     }
     console.print(_table(searches, limits))
+    for p in overhead:
+        o = p.summary["overhead_ms"]
+        console.print(f"overhead at {p.rate_rps:.0f} req/s, small tensors (cut {bench_cuts_overhead(p)}): outside compute "
+                      f"p50 {o['outside_compute_p50']:.2f} / p99 {o['outside_compute_p99']:.2f} ms; the path alone "
+                      f"(minus the batching wait) p50 {o['path_p50']:.2f} / p99 {o['path_p99']:.2f} ms; "
+                      f"{100 * p.summary['slo_attainment']:.1f}% in budget")
     result["plots"] = _plots(out, searches)
     await asyncio.to_thread((out / "e2e.json").write_text, json.dumps(result, indent=1))
     return result
+
+
+def bench_cuts_overhead(p: Point) -> str:
+    return ",".join(str(c) for g in p.plan_groups for c in g["cuts"])
 
 
 def _point_json(p: Point) -> dict[str, Any]:
