@@ -36,6 +36,7 @@ from tests.helpers import serving_replica
 from tests.test_sweeper import group, plan, request
 from tools import admin
 from tools.redis_server import RedisClusterServer
+from tools.up import start_system
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -161,6 +162,11 @@ async def test_the_cluster_client_keeps_the_timeout_guarantee_and_reads_in_one_r
     assert [e.payload for e in got] == [b"x"] and not idle
     assert time.monotonic() - t0 < 3.0
     assert getkeys() == before  # XREAD/XREADGROUP routed by their STREAMS keys, no COMMAND GETKEYS first
+
+
+async def test_graft_up_in_cluster_mode_needs_a_node_to_connect_to(tmp_path: Any) -> None:
+    with pytest.raises(ValueError, match="REDIS_URL"):
+        await start_system(Settings(redis_mode="cluster"), tmp_path / "p.json", log_dir=tmp_path, services=())
 
 
 # --------------------------------------------------------------------------------- replies, scripts

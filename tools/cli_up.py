@@ -148,6 +148,9 @@ def up(
     if demo and not os.environ.get("GRAFT_REPLAN_S"):
         over["replan_s"] = 4.0  # the demo is short: let the planner follow the traffic within its warm-up
     settings = Settings.from_env(**over)
+    if settings.redis_mode == "cluster" and not settings.redis_url:
+        console.print("[red]GRAFT_REDIS_MODE=cluster needs REDIS_URL naming a node of the cluster[/red]")
+        raise typer.Exit(2)
     slos = [float(x) for x in slo_ms.split(",") if x.strip()]
     code = asyncio.run(_up(settings, demo, duration, devices, rate, slos, trace, json_out, reprofile, warmup))
     raise typer.Exit(code)

@@ -118,6 +118,9 @@ async def start_system(settings: Settings, profile_path: Path, *, log_dir: Path,
         raise ValueError(f"unknown services {unknown}; choose from {sorted(argv)}")
     server: RedisServer | None = None
     url = settings.redis_url
+    if not url and settings.redis_mode == "cluster":
+        raise ValueError("GRAFT_REDIS_MODE=cluster needs REDIS_URL naming a node of the cluster "
+                         "(no embedded Redis is started for it)")
     if not url:
         server = RedisServer(persist_dir=None, local_socket=True, die_with_parent=True).start()
         url = server.url
