@@ -22,7 +22,7 @@ from common.contract import keys, wire
 from common.contract.errors import ErrorCode
 from common.model.zoo import describe
 from common.settings import Settings, SettingsError
-from common.store.cluster import GraftRedisCluster
+from common.store.cluster import GraftRedisCluster, _read_streams
 from common.store.plan_store import NotLeader, PlanWatcher, StaleEpoch, publish_plan
 from common.store.registry import Registry
 from common.store.replies import ReplySender
@@ -120,6 +120,14 @@ def test_a_producers_shard_is_crc32_of_its_client_id() -> None:
     assert keys.ingress_streams(3) == ["graft:{ingress}", "graft:{ingress:1}", "graft:{ingress:2}"]
     assert keys.INGRESS == keys.ingress_stream(0) and keys.client_ingress_stream("phone-7", 3) == "graft:{ingress:1}"
     assert {keys.ingress_shard(f"c{i}", 4) for i in range(64)} == {0, 1, 2, 3}
+
+
+def test_stream_reads_are_routed_by_the_keys_after_streams() -> None:
+    # A group or consumer may be named "streams"; the keys are those after the STREAMS token.
+    assert _read_streams("XREADGROUP", (b"GROUP", "streams", "streams", b"COUNT", 5, b"BLOCK", 50, b"NOACK",
+                                        b"STREAMS", "graft:{ingress}", ">")) == ("graft:{ingress}",)
+    assert _read_streams("XREAD", (b"COUNT", 5, b"STREAMS", "a", "b", "0-0", "0-0")) == ("a", "b")
+    assert _read_streams("XADD", ("a", "*")) == () and _read_streams("XREAD", (b"BOGUS", 1)) == ()
 
 
 def test_keys_touched_together_share_a_slot_and_the_rest_spread(masters: Masters) -> None:

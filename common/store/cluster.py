@@ -41,8 +41,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common.settings import Settings
 
-_STREAMS = ("STREAMS", b"STREAMS", "streams", b"streams")
-_READS = ("XREAD", "XREADGROUP")
+# XREAD [COUNT n] [BLOCK ms] STREAMS k… id…; XREADGROUP GROUP g c [COUNT n] [BLOCK ms] [NOACK] STREAMS …
+_READS = {"XREAD": 0, "XREADGROUP": 3}
+_OPTION_ARGS = {"COUNT": 1, "BLOCK": 1, "NOACK": 0}
 # Commands Graft sends whose syntax has exactly one key, at this position after the command name: their
 # slot is that key's, without the generic parse (which the cluster client runs twice per command).
 _ONE_KEY = {c: 0 for c in ("XADD", "XACK", "XDEL", "XLEN", "XRANGE", "XREVRANGE", "XPENDING", "XAUTOCLAIM",
@@ -60,17 +61,29 @@ class GraftRedisCluster(RedisCluster):
         at = _ONE_KEY.get(command) if isinstance(command, str) else None
         if at is not None and len(args) > at:
             return self.keyslot(args[at])
-        if str(command).upper() in _READS:
-            at = next((i for i, a in enumerate(args) if a in _STREAMS or str(a).upper() == "STREAMS"), None)
-            if at is not None:
-                rest = args[at + 1:]
-                streams = rest[: len(rest) // 2]
-                slots = {self.keyslot(k) for k in streams}
-                if len(slots) == 1:
-                    return slots.pop()
-                if len(slots) > 1:
-                    raise RedisClusterException(f"{command} - all keys must map to the same key slot")
+        streams = _read_streams(command, args)
+        if streams:
+            slots = {self.keyslot(k) for k in streams}
+            if len(slots) > 1:
+                raise RedisClusterException(f"{command} - all keys must map to the same key slot")
+            return slots.pop()
         return await super()._determine_slot(command, *args)
+
+
+def _read_streams(command: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The stream keys of an XREAD/XREADGROUP, parsed by its syntax (() for anything else)."""
+    i = _READS.get(str(command).upper(), -1)
+    if i < 0:
+        return ()
+    while i < len(args):
+        token = (args[i].decode() if isinstance(args[i], bytes) else str(args[i])).upper()
+        if token == "STREAMS":
+            rest = args[i + 1:]
+            return rest[: len(rest) // 2]
+        if token not in _OPTION_ARGS:
+            return ()
+        i += 1 + _OPTION_ARGS[token]
+    return ()
 
 
 def connect_cluster(url: str, *, settings: Settings, client_name: str | None = None) -> GraftRedisCluster:
