@@ -113,11 +113,12 @@ def test_intake_rejects_what_the_runner_cannot_take(blocks: list[torch.nn.Module
     assert isinstance(garbage, Rejection) and garbage.req_id is None  # nobody to answer: dead-lettered
     half = intake.admit("7-0", wire.packb({"kind": "request", "req_id": "half", "client": CLIENT}))
     assert isinstance(half, Rejection) and (half.req_id, half.client) == ("half", CLIENT)  # ids peeked
-    # no deadline: did not come through an ingress; the largest budget bounds it
+    # no deadline: did not come through an ingress; its own budget, checked as the ingress checks it, sets it
     bare = wire.decode_request(good)
     bare.deadline, bare.received = None, 100.0
     job = intake.admit("8-0", wire.encode_request(bare), now=100.0)
-    assert isinstance(job, Job) and job.deadline == pytest.approx(100.0 + intake.max_budget_s)
+    assert bare.budget_ms is not None
+    assert isinstance(job, Job) and job.deadline == pytest.approx(100.0 + bare.budget_ms / 1000.0)
 
 
 def test_intake_takes_blob_requests_on_metadata_and_attaches_a_copy(blocks: list[torch.nn.Module],

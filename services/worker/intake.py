@@ -93,6 +93,7 @@ class Intake:
         self.info = info
         self.max_tensor_bytes = max_tensor_bytes
         self.max_budget_s = max_budget_s
+        self._limits = admission.Limits(max_tensor_bytes, max_budget_s * 1000.0)
 
     def admit(self, entry_id: str, payload: bytes | None, *, now: float | None = None,
               deliveries: int = 1, stream: str = "") -> Job | Rejection:
@@ -108,13 +109,16 @@ class Intake:
         source = req.source or entry_id
         try:
             req.tensor = self._check(req)
+            # An entry without a deadline did not come through an ingress: its budget passes the ingress's
+            # rules (a missing, negative or oversized one is INVALID_REQUEST there, so here too) and sets it.
+            budget_ms = None if req.deadline is not None else admission.server_budget_ms(req, self._limits)
         except GraftError as exc:
             return Rejection(entry_id, exc, req.req_id, req.client, req.received or now, payload, req.blob,
                              source, stream)
         received = req.received if req.received is not None else now
         req.source = source
-        # An entry without a deadline did not come through an ingress; the largest budget bounds it.
-        deadline = req.deadline if req.deadline is not None else received + self.max_budget_s
+        deadline = received + budget_ms / 1000.0 if budget_ms is not None else req.deadline
+        assert deadline is not None
         where = keys.parse_group_stream(stream) if stream else None
         return Job(entry_id, req, Pending(entry_id, req.cut, deadline, received), received, deliveries, now,
                    stream, None if where is None else where[0], None if where is None else where[1])

@@ -218,6 +218,13 @@ async def soak(ctx: Ctx) -> Result:
 # ----------------------------------------------------------------------------------- graft up stops
 
 
+def _as_from_a_terminal() -> None:
+    """graft up as a user's shell starts it: SIGINT at its default. A suite run in the background of a
+    non-interactive shell (``cmd &``, nohup) inherits SIGINT *ignored*, and so would graft up: Python
+    then installs no KeyboardInterrupt handler, and a Ctrl-C before graft up is ready would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def _one_stop(ctx: Ctx, sig: signal.Signals, when: str) -> dict[str, Any]:
     env = {**os.environ, "GRAFT_LOG_LEVEL": "warning"}
     env.pop("REDIS_URL", None)
@@ -225,7 +232,7 @@ async def _one_stop(ctx: Ctx, sig: signal.Signals, when: str) -> dict[str, Any]:
             "--profile", str(ctx.profile)]
     proc = await asyncio.create_subprocess_exec(*argv, env=env, stdin=asyncio.subprocess.DEVNULL,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                                                cwd=ctx.out)
+                                                cwd=ctx.out, preexec_fn=_as_from_a_terminal)
     census = Census(proc.pid)
     t0 = time.monotonic()
     out = b""
