@@ -76,7 +76,7 @@ def test_a_replica_still_importing_dies_with_its_killed_agent(redis_url: str, fa
 
 
 def test_a_service_still_importing_dies_with_a_killed_graft_up(fault_profile: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "GRAFT_LOG_LEVEL": "warning"}
+    env = {**os.environ, "GRAFT_LOG_LEVEL": "warning", "GRAFT_GATEWAY_HTTP_PORT": "0", "GRAFT_GATEWAY_GRPC_PORT": "0"}
     env.pop("REDIS_URL", None)
     up = subprocess.Popen([sys.executable, "-m", "tools.cli", "up", "--models", MODEL, "--resolution",
                            str(RESOLUTION), "--profile", str(fault_profile)], env=env, cwd=tmp_path,

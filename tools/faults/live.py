@@ -40,7 +40,9 @@ RESOLUTION = 32
 
 
 def base_settings(**over: Any) -> Settings:
-    return Settings.from_env(models=(MODEL,), resolution=RESOLUTION, device="cpu", log_level="warning", **over)
+    """resnet18 at 32 px on the CPU; the gateway on free ports (another system on this host may hold 8000)."""
+    return Settings.from_env(**{"models": (MODEL,), "resolution": RESOLUTION, "device": "cpu", "log_level": "warning",
+                                "gateway_http_port": 0, "gateway_grpc_port": 0, **over})
 
 
 def one_thread_profile(out_dir: Path, settings: Settings) -> Path:

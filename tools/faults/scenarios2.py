@@ -226,7 +226,7 @@ def _as_from_a_terminal() -> None:
 
 
 async def _one_stop(ctx: Ctx, sig: signal.Signals, when: str) -> dict[str, Any]:
-    env = {**os.environ, "GRAFT_LOG_LEVEL": "warning"}
+    env = {**os.environ, "GRAFT_LOG_LEVEL": "warning", "GRAFT_GATEWAY_HTTP_PORT": "0", "GRAFT_GATEWAY_GRPC_PORT": "0"}
     env.pop("REDIS_URL", None)
     argv = [sys.executable, "-m", "tools.cli", "up", "--models", MODEL, "--resolution", str(RESOLUTION),
             "--profile", str(ctx.profile)]
