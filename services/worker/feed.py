@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,14 @@ from common.contract.errors import GraftError, InternalError
 from common.logs import Event
 from common.metrics import DEAD_LETTERS, RECLAIMED
 from common.store.reaper import Reaper
-from common.store.streams import TRANSIENT, Backoff, Entry, StreamConsumer, dead_letter, safe_trim
+from common.store.streams import (
+    DEAD_LETTER_MAXLEN,
+    TRANSIENT,
+    Backoff,
+    Entry,
+    StreamConsumer,
+    safe_trim,
+)
 from services.worker.intake import Intake, Job, Rejection
 from services.worker.loop import BatchLoop, Done
 from services.worker.replying import Replier
@@ -183,8 +191,8 @@ class Feed:
         for job in ready:
             self.loop.add(job)
         done: list[Done] = []
-        for rej in rejected:
-            await self._reject(rej, done)
+        if rejected:
+            await self._reject_all(rejected, done)
         if done:
             await self.replier(done)
         if expired:
@@ -201,19 +209,38 @@ class Feed:
                 raise res
         return got
 
-    async def _reject(self, rej: Rejection, done: list[Done]) -> None:
-        log.warning(Event.MALFORMED, entry_id=rej.entry_id, req_id=rej.req_id, code=str(rej.error.code),
-                    error=rej.error.message)
-        if rej.req_id is not None and rej.client is not None:
-            where = keys.parse_group_stream(rej.stream) if rej.stream else None
-            reply = wire.Reply.failure(rej.req_id, rej.error, server_ms=(time.time() - rej.received) * 1000.0,
-                                       epoch=None if where is None else where[0],
-                                       group=None if where is None else where[1])
-            reply.source = rej.source or rej.entry_id
-            done.append(Done(rej.entry_id, rej.client, reply, rej.blob, rej.stream))
-        else:
-            await dead_letter(self._r, rej.stream, keys.WORKER_GROUP, rej.entry_id, rej.payload, rej.error,
-                              consumer=self.consumer or "")
+    async def _reject_all(self, rejected: list[Rejection], done: list[Done]) -> None:
+        """Answer every rejection that has ids (its reply joins ``done``) and dead-letter the others, all of
+        one read together: one MULTI for the dead letters and one log line, not a round trip and two log
+        lines per entry — a flood of garbage in a group stream must not starve the replies behind it."""
+        codes = Counter(str(r.error.code) for r in rejected)
+        log.warning(Event.MALFORMED, count=len(rejected), codes=dict(codes), entry_id=rejected[0].entry_id,
+                    req_id=rejected[0].req_id, error=rejected[0].error.message)
+        dead = []
+        for rej in rejected:
+            if rej.req_id is not None and rej.client is not None:
+                where = keys.parse_group_stream(rej.stream) if rej.stream else None
+                reply = wire.Reply.failure(rej.req_id, rej.error, server_ms=(time.time() - rej.received) * 1000.0,
+                                           epoch=None if where is None else where[0],
+                                           group=None if where is None else where[1])
+                reply.source = rej.source or rej.entry_id
+                done.append(Done(rej.entry_id, rej.client, reply, rej.blob, rej.stream))
+            else:
+                dead.append(rej)
+        if not dead:
+            return
+        now_ms = int(time.time() * 1000)
+        async with self._r.pipeline(transaction=True) as pipe:  # each entry moved and acked, all or none
+            for rej in dead:
+                fields = {keys.FIELD: rej.payload if rej.payload is not None else b"", b"code": str(rej.error.code),
+                          b"message": rej.error.message, b"stream": rej.stream, b"group": keys.WORKER_GROUP,
+                          b"id": rej.entry_id, b"deliveries": 0, b"consumer": self.consumer or "", b"time_ms": now_ms}
+                pipe.xadd(keys.dead_letters(rej.stream), fields, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
+                pipe.xack(rej.stream, keys.WORKER_GROUP, rej.entry_id)
+            await pipe.execute()
+        log.warning(Event.DEAD_LETTERED, stream=dead[0].stream, group=keys.WORKER_GROUP, count=len(dead),
+                    entry_id=dead[0].entry_id, code=str(dead[0].error.code))
+        for rej in dead:
             self._count_dead(rej.stream)
 
     async def _on_claimed(self, entries: list[Entry], stream: str) -> None:
