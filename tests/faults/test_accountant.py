@@ -98,3 +98,31 @@ def test_reply_entries_are_read_leniently_and_gaps_measured() -> None:
     assert parse_reply("6-0", b"\xc1").code == "UNREADABLE"
     assert longest_gap_ms([100, 150, 900], 0, 1000) == 750
     assert longest_gap_ms([], 0, 1000) == 1000
+
+
+def test_the_census_counts_only_processes_started_after_it_began() -> None:
+    # Found by running the fault tests in one session with the others: the session's own Redis (a child of
+    # pytest since its first test) was counted as the system's leftover — and then killed.
+    import subprocess
+    import sys
+
+    from tools.faults.procs import Census, alive, kill_all
+
+    older = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        census = Census()
+        newer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            census.poll()
+            assert {p.pid for p in census.seen.values()} == {newer.pid}
+            left = census.leftovers()
+            assert [p.pid for p in left] == [newer.pid] and all(alive(p) for p in left)
+            kill_all(left)
+            newer.wait(5)
+            assert census.leftovers() == [] and older.poll() is None  # the older one untouched
+        finally:
+            newer.kill()
+            newer.wait(5)
+    finally:
+        older.kill()
+        older.wait(5)

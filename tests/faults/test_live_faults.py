@@ -16,7 +16,8 @@ pytestmark = pytest.mark.timeout(150)
 
 
 def explain(res: Result) -> str:
-    return f"{res.name}: {[t for t in res.targets if not t.met]} error={res.error} account={res.verdict.to_dict()}"
+    return (f"{res.name}: {[t for t in res.targets if not t.met]} error={res.error} account={res.verdict.to_dict()} "
+            f"leftovers={[(p.pid, p.cmd) for p in res.leftovers]}")
 
 
 async def test_replica_sigkill_with_a_warm_standby_loses_nothing_and_the_gap_is_short(ctx: Ctx) -> None:

@@ -93,12 +93,16 @@ def short(cmd: str) -> str:
 
 
 class Census:
+    """``root``'s descendants from now on: those already running when the census begins (a test session's
+    Redis, an earlier system of the same process) are none of its business and never counted or killed."""
+
     def __init__(self, root: int | None = None) -> None:
         self.root = os.getpid() if root is None else root
         self.seen: dict[tuple[int, int], Proc] = {}
+        self.before = {(p.pid, p.start) for p in descendants(self.root)}
 
     def poll(self) -> list[Proc]:
-        now = descendants(self.root)
+        now = [p for p in descendants(self.root) if (p.pid, p.start) not in self.before]
         for p in now:
             self.seen.setdefault((p.pid, p.start), p)
         return now
