@@ -61,7 +61,11 @@ async def test_tail_sees_replies_as_they_come_and_counts_each_entry_once(redis: 
     acct.record(Sent("x", "c", 0.0, 60_000.0, "1-0"))
     stop = asyncio.Event()
     task = asyncio.create_task(acct.tail(redis, stop, block_ms=20))
+    waiting = asyncio.create_task(acct.first_reply("x", 5.0))
+    assert await acct.first_reply("nobody", 0.05) is None
     await reply(redis, "c", "x", 1000)
+    first = await asyncio.wait_for(waiting, 5.0)
+    assert first is not None and first.ms == 1000 and first.ok
     await reply(redis, "c", "x", 1001)
     for _ in range(100):
         if len(acct.replies_of("x")) == 2:

@@ -139,6 +139,7 @@ class Accountant:
         self.seen: dict[tuple[str, str, str], Seen] = {}
         self._last: dict[str, str] = {}
         self._by_req: dict[str, list[Seen]] = {}
+        self._waiters: dict[str, asyncio.Event] = {}
 
     # ------------------------------------------------------------------------------------ sending
 
@@ -165,10 +166,23 @@ class Accountant:
             seen = self.seen[k] = parse_reply(eid, payload)
             if seen.req_id is not None:
                 self._by_req.setdefault(seen.req_id, []).append(seen)
+                waiter = self._waiters.pop(seen.req_id, None)
+                if waiter is not None:
+                    waiter.set()
 
     def replies_of(self, req_id: str) -> list[Seen]:
         """The reply entries seen so far for ``req_id``."""
         return self._by_req.get(req_id, [])
+
+    async def first_reply(self, req_id: str, timeout_s: float) -> Seen | None:
+        """The first reply to ``req_id`` once ``tail`` has read it (None after ``timeout_s``): no polling."""
+        if not self._by_req.get(req_id):
+            waiter = self._waiters.setdefault(req_id, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter.wait(), timeout_s)
+            self._waiters.pop(req_id, None)
+        got = self._by_req.get(req_id)
+        return got[0] if got else None
 
     async def collect(self, r: Any) -> int:
         """XRANGE every watched client's whole reply stream; returns the entries read."""

@@ -131,14 +131,9 @@ async def closed_loop(load: Load, acct: Accountant, cls: RequestClass, *, concur
             now = time.time()
             [rid] = await load.send_batch([(Arrival(0.0, cls.model + ":cap", cls.model, cls.cut, cls.budget_ms),
                                             now)], client=client, prefix=prefix)
-            wait_until = now + (cls.budget_ms + 2000.0) / 1000.0
-            while time.time() < wait_until:
-                got = acct.replies_of(rid)
-                if got:
-                    if got[0].ok:
-                        ok += 1
-                    break
-                await asyncio.sleep(0.002)
+            got = await acct.first_reply(rid, (cls.budget_ms + 2000.0) / 1000.0)
+            if got is not None and got.ok:
+                ok += 1
 
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
     return ok, time.time() - t0

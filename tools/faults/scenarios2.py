@@ -119,9 +119,13 @@ async def overload(ctx: Ctx) -> Result:
                 break
             await asyncio.sleep(0.1)
         await live.ready(120.0)
+        held = await load_plan(live.r)
+        assert held is not None
+        # Enough outstanding that every replica always has a full batch queued behind the one it runs.
+        outstanding = max(8, 3 * sum(g.batch * g.replicas for g in held.groups.values()))
         cap_load = await Load(live.r, live.acct, clients=["fx-cap-0", "fx-cap-1"], resolution=RESOLUTION).start()
-        await closed_loop(cap_load, live.acct, cls, concurrency=24, duration_s=2.0, prefix="warm")
-        ok, secs = await closed_loop(cap_load, live.acct, cls, concurrency=24, duration_s=cap_s, prefix="cap")
+        await closed_loop(cap_load, live.acct, cls, concurrency=outstanding, duration_s=2.0, prefix="warm")
+        ok, secs = await closed_loop(cap_load, live.acct, cls, concurrency=outstanding, duration_s=cap_s, prefix="cap")
         capacity = ok / secs
         ctx.say(f"  {name}: measured capacity {capacity:.0f} req/s")
         await asyncio.sleep(1.0)
@@ -132,7 +136,7 @@ async def overload(ctx: Ctx) -> Result:
         v = live.acct.judge(ids)
         shed = v.errors.get("OVERLOADED", 0)
         admitted = v.accepted - shed
-        return {"capacity_rps": round(capacity, 1), "offered_rps": round(len(ids) / over_s, 1),
+        return {"capacity_rps": round(capacity, 1), "capacity_outstanding": outstanding, "offered_rps": round(len(ids) / over_s, 1),
                 "send_s": round(time.time() - t0, 1), "overload": v.to_dict(), "admitted": admitted,
                 "admitted_in_budget_pct": round(100.0 * v.ok_in_budget / admitted, 3) if admitted else 0.0,
                 "goodput_rps": round(v.ok_in_budget / over_s, 1),
