@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.efficientnet import MBConv
 
 from common.contract.errors import BadCut, UnknownModel
+from common.model.shapes import served_resolution
 
 MODEL_NAMES: tuple[str, ...] = (
     "resnet50", "vgg16", "vgg19", "alexnet", "mobilenet_v2", "inception_v3", "densenet121",
@@ -42,7 +43,6 @@ MODEL_NAMES: tuple[str, ...] = (
 
 FP32_BYTES = 4
 
-_DEFAULT_RESOLUTION = {"inception_v3": 299}
 
 # Smallest square input each architecture accepts (found by running each on the meta device; below
 # it a stride-2 convolution or pooling runs out of pixels). tests/test_models.py checks these are tight.
@@ -61,7 +61,7 @@ def _check_name(name: str) -> None:
 
 def default_resolution(name: str) -> int:
     _check_name(name)
-    return _DEFAULT_RESOLUTION.get(name, 224)
+    return served_resolution(name, None)
 
 
 def resolve_resolution(name: str, resolution: int | None) -> int:
@@ -311,6 +311,10 @@ class ModelInfo:
         """Per-request shape of the tensor the server receives at this cut."""
         self.check_cut(cut)
         return self.input_shape if cut == 0 else self.blocks[cut - 1].out_shape
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return self.blocks[-1].out_shape
 
     def upload_bytes(self, cut: int) -> int:
         self.check_cut(cut)

@@ -2,30 +2,31 @@
 
 A model's *signature* lists the inputs ``cut_0 .. cut_{N-1}`` (datatype FP32, shape ``[-1, *cut_shape]``:
 the tensor the device holds after blocks ``0..c-1``, per request, at ``GRAFT_RESOLUTION``) and its one
-output ``logits`` (``[-1, *out_shape]``). Signatures come from ``common.model.zoo.describe`` (shapes on
-the meta device, no weights), computed once per model and cached; the served set follows the plan
-(``PlanFollower`` polls ``graft:{plan}`` like the ingress does, and describes new models in a thread so
-the event loop never stalls on it).
+output ``logits`` (``[-1, *out_shape]``). Signatures come from the shapes the planner publishes in the
+plan (``common.model.shapes``: no torch in the gateway), else from ``common.model.zoo.describe`` (shapes
+on the meta device, no weights; imported on first use), once per model and cached; the served set
+follows the plan (``PlanFollower`` polls ``graft:{plan}`` like the ingress does, and prepares new models
+in a thread so the event loop never stalls on it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from common import logs
 from common.contract.routing import PlanView
-from common.model.zoo import ModelInfo, describe
+from common.model.shapes import Described, ModelShapes, ShapeBook, plan_shapes
 from common.store.plan_store import PlanWatcher
 from common.store.streams import TRANSIENT
 from services.gateway.mapping import OUTPUT_NAME, input_name
 
 log = logs.get_logger("graft.gateway")
 
-Describe = Callable[[str, int | None], ModelInfo]
+Describe = Callable[[str, int | None], Described]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,29 +61,29 @@ class Signature:
                 "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, *self.output_shape]}]}
 
 
-def signature_of(info: ModelInfo) -> Signature:
-    inputs = tuple(CutInput(input_name(c), c, tuple(info.cut_shape(c))) for c in info.cuts)
-    return Signature(info.name, info.resolution, inputs, tuple(info.blocks[-1].out_shape))
+def signature_of(shapes: ModelShapes) -> Signature:
+    inputs = tuple(CutInput(input_name(c), c, s) for c, s in enumerate(shapes.cuts))
+    return Signature(shapes.name, shapes.resolution, inputs, shapes.output)
 
 
 class Catalog:
     """The served models' signatures; ``epoch`` is None until a plan was seen."""
 
-    def __init__(self, resolution: int | None, describe_fn: Describe = describe) -> None:
-        self.resolution = resolution or None
-        self._describe = describe_fn
+    def __init__(self, resolution: int | None, describe_fn: Describe | None = None) -> None:
+        self.book = ShapeBook(resolution, describe_fn)
         self._known: dict[str, Signature] = {}
         self._served: dict[str, Signature] = {}
         self.epoch: int | None = None
 
-    def prepare(self, models: Iterable[str]) -> None:
-        """Describe the models not seen yet (slow: run it in a thread)."""
-        for name in sorted(set(models) - self._known.keys()):
-            self._known[name] = signature_of(self._describe(name, self.resolution))
+    def prepare(self, models: Iterable[str], published: Mapping[str, ModelShapes] | None = None) -> None:
+        """Learn the signatures of the models not seen yet (from the plan's shapes, else described: slow,
+        run it in a thread)."""
+        for name in self.book.learn(models, published):
+            self._known[name] = signature_of(self.book[name])
 
     def serve(self, view: PlanView) -> None:
-        """Serve exactly the plan's models (described first if need be)."""
-        self.prepare(view.models)
+        """Serve exactly the plan's models (prepared first if need be)."""
+        self.prepare(view.models, plan_shapes(view.raw))
         self._served = {m: self._known[m] for m in sorted(view.models)}
         self.epoch = view.epoch
 
@@ -113,7 +114,7 @@ class PlanFollower:
         view = await self.watcher.poll()
         if view is None:
             return False
-        await asyncio.to_thread(self.catalog.prepare, view.models)
+        await asyncio.to_thread(self.catalog.prepare, view.models, plan_shapes(view.raw))
         self.catalog.serve(view)
         log.info(logs.Event.PLAN_SWITCHED, service="gateway", epoch=view.epoch, models=self.catalog.models)
         if self.on_change is not None:

@@ -42,6 +42,7 @@ from common.contract.errors import DeadlineExceeded, GraftError, InternalError, 
 from common.contract.routing import PlanView, Serving, choose, serving_from, unserved
 from common.logs import Event
 from common.metrics import PLAN_EPOCH, QUEUE_LAG, REQUESTS, STAGE_MS
+from common.model.shapes import plan_shapes
 from common.settings import Settings
 from common.store.backlog import id_ms, poll_backlogs
 from common.store.plan_store import PlanWatcher
@@ -120,14 +121,14 @@ class IngressService:
 
     async def _prepare(self, view: PlanView) -> None:
         """Everything a plan needs before a batch can use it: model shapes, worker groups on its streams."""
-        await asyncio.to_thread(self.catalog.prepare, view.models)
+        await asyncio.to_thread(self.catalog.prepare, view.models, plan_shapes(view.raw))
         for stream in view.streams().values():
             # Created from id 0 so replicas that start after the first requests still see them.
             await ensure_group(self.r, stream, keys.WORKER_GROUP, "0")
 
     def _switch(self, view: PlanView) -> None:
         old = self.view
-        self.catalog.serve(view.models)
+        self.catalog.serve(view.models, plan_shapes(view.raw))
         self.view = view
         self.backlogs.update({})  # group ids may repeat across epochs, their streams do not
         PLAN_EPOCH.labels(service=SERVICE).set(view.epoch)

@@ -14,7 +14,7 @@ the answer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -22,12 +22,12 @@ from common import admission
 from common.admission import FLOAT32, Limits, sane_id
 from common.contract import wire
 from common.contract.errors import BadTensor, InvalidRequest, UnknownModel
-from common.model.zoo import ModelInfo, describe
+from common.model.shapes import Described, ModelShapes, ShapeBook
 
 # Envelope fields besides the tensor bytes (ids, model, numbers, msgpack framing) stay far below this.
 ENVELOPE_SLACK_BYTES = 64 * 1024
 
-Describe = Callable[[str, int | None], ModelInfo]
+Describe = Callable[[str, int | None], Described]
 __all__ = ["FLOAT32", "Limits", "ModelCatalog", "Validator", "answerable_ids", "blob_error", "sane_id"]
 
 
@@ -41,45 +41,39 @@ def answerable_ids(raw: object) -> tuple[str, str] | None:
 
 
 class ModelCatalog:
-    """``ModelInfo`` and per-cut shapes of the served models, described once (``describe`` is costly)."""
+    """Per-cut shapes of the served models: the plan's (``plan["shapes"]``, no torch), else described here.
 
-    def __init__(self, resolution: int | None, describe_fn: Describe = describe) -> None:
-        self.resolution = resolution or None
-        self._describe = describe_fn
-        self._infos: dict[str, ModelInfo] = {}
+    ``describe_fn`` (default: ``common.model.zoo.describe``, imported on first use: it needs torch) runs
+    only for a model whose shapes the plan does not carry at the served resolution.
+    """
+
+    def __init__(self, resolution: int | None, describe_fn: Describe | None = None) -> None:
+        self.book = ShapeBook(resolution, describe_fn)
         self._served: frozenset[str] = frozenset()
-        self._shapes: dict[tuple[str, int], tuple[int, ...]] = {}
 
-    def prepare(self, models: Iterable[str]) -> None:
-        """Describe the models not seen yet, without changing the served set (may run in a thread)."""
-        for name in sorted(set(models) - self._infos.keys()):
-            info = self._describe(name, self.resolution)
-            for cut in info.cuts:
-                self._shapes[(name, cut)] = info.cut_shape(cut)
-            self._infos[name] = info
+    def prepare(self, models: Iterable[str], published: Mapping[str, ModelShapes] | None = None) -> None:
+        """Learn the shapes of the models not seen yet, without changing the served set (may run in a thread)."""
+        self.book.learn(models, published)
 
-    def serve(self, models: Iterable[str]) -> None:
-        """Make ``models`` the served set (a plan change); models not prepared yet are described now."""
+    def serve(self, models: Iterable[str], published: Mapping[str, ModelShapes] | None = None) -> None:
+        """Make ``models`` the served set (a plan change); models not prepared yet are prepared now."""
         served = frozenset(models)
-        self.prepare(served)
+        self.book.learn(served, published)
         self._served = served
 
     @property
     def served(self) -> frozenset[str]:
         return self._served
 
-    def info(self, model: str) -> ModelInfo:
+    def shapes(self, model: str) -> ModelShapes:
         if model not in self._served:
             known = ", ".join(sorted(self._served)) or "none yet"
             raise UnknownModel(f"model {model!r} is not served by the current plan (served: {known})",
                                model=model, served=sorted(self._served))
-        return self._infos[model]
+        return self.book[model]
 
     def cut_shape(self, model: str, cut: int) -> tuple[int, ...]:
-        info = self.info(model)
-        shape = self._shapes.get((model, cut))
-        # An out-of-range cut is the only miss: ModelInfo raises the precise BadCut.
-        return shape if shape is not None else info.cut_shape(cut)
+        return self.shapes(model).cut_shape(cut)  # UNKNOWN_MODEL, BAD_CUT
 
 
 class Validator:

@@ -33,9 +33,10 @@ from redis.exceptions import RedisError
 
 from common import logs
 from common.contract import keys, wire
-from common.contract.errors import InvalidRequest
+from common.contract.errors import GraftError, InvalidRequest
 from common.contract.routing import PlanView
 from common.metrics import LATENCY_SCALE, PLAN_EPOCH, PLAN_UNPLACED
+from common.model.shapes import ShapeBook
 from common.profiles import Profile, ProfileError, shipped
 from common.settings import Settings
 from common.store.plan_store import StaleEpoch, annotate_plan, load_plan, publish_plan
@@ -92,11 +93,22 @@ class Planner:
         self.fence: str | None = None  # the lease holder name publishes are fenced with (None: no lease)
         self.workers = Registry(r, keys.WORKER_KIND, WORKER_TTL_S)
         self.replicas = Registry(r, keys.REPLICA_KIND, REPLICA_TTL_S)
+        self.shapes = ShapeBook(settings.resolution)  # published with every plan: the front door needs no torch
 
     def planning_profile(self) -> Profile:
         """The profile plans are made with: latencies scaled by the calibrated factors."""
         applied = self.calibration.applied
         return self.profile.scaled(applied) if applied else self.profile
+
+    async def published_shapes(self, plan: Mapping[str, Any]) -> dict[str, Any]:
+        """``plan["shapes"]``: each served model's per-cut input shapes (``common.model.shapes``)."""
+        models = sorted({str(g["model"]) for g in plan["groups"]})
+        try:
+            await asyncio.to_thread(self.shapes.learn, models)
+        except (GraftError, ValueError) as exc:  # the front door describes them itself then
+            self.log.warning(logs.Event.MALFORMED, key="shapes", error=repr(exc))
+            return {}
+        return {m: self.shapes[m].to_dict() for m in models}
 
     def report_scale(self) -> None:
         for model in self.served:
@@ -112,6 +124,7 @@ class Planner:
                          previous=(self.current or {}).get("placement"), spares=self.settings.spare_replicas)
         if self.steering.hold:
             plan["hold"] = True
+        plan["shapes"] = await self.published_shapes(plan)
         if self.calibration.applied:
             plan["latency_scale"] = dict(self.calibration.applied)
         if not forced and self.current is not None and same_serving(self.current, plan):
