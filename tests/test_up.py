@@ -173,7 +173,7 @@ async def test_start_system_stops_its_embedded_redis_when_it_fails_to_start(tmp_
 async def test_start_system_serves_replans_and_stops(cache: Path, tmp_path: Path) -> None:
     """The real thing: embedded Redis, planner, ingress and worker agent (with its replica) as children."""
     profile_path, _ = ensure_profile(SETTINGS, progress=False)
-    system = await start_system(SETTINGS, profile_path, log_dir=tmp_path / "logs")
+    system = await start_system(SETTINGS, profile_path, log_dir=tmp_path / "logs", ingresses=2)
     replica_pids: list[int] = []
     try:
         assert system.redis is not None and system.redis_url == system.redis.url  # embedded: no REDIS_URL given
@@ -184,11 +184,17 @@ async def test_start_system_serves_replans_and_stops(cache: Path, tmp_path: Path
         first = await wait_ready(system, timeout=60)
         assert first["epoch"] == 1 and {g["model"] for g in first["groups"]} == {"resnet18"}
         assert all(st["running"] and st["restarts"] == 0 for st in system.supervisor.status().values())
+        # The plan carries the input shapes, so the front door never loads torch (a restart takes a second).
+        assert first["shapes"]["resnet18"]["cuts"][0] == [3, SETTINGS.resolution, SETTINGS.resolution]
+        for name in ("ingress", "ingress-2", "gateway"):
+            maps = Path(f"/proc/{system.supervisor.status()[name]['pid']}/maps").read_text()
+            assert "libtorch" not in maps, f"{name} loaded torch"
 
         r = Redis.from_url(system.redis_url)
         try:
             rows = await admin.services_status(r)
             assert {row["service"] for row in rows} == {"planner", "ingress", "worker", "replica", "gateway"}
+            assert sum(row["service"] == "ingress" for row in rows) == 2
             # The admin CLI steers the live planner: a replan publishes epoch 2, which the worker serves.
             res = await asyncio.to_thread(CliRunner().invoke, app, ["replan", "--redis-url", system.redis_url])
             assert res.exit_code == 0, res.output
@@ -210,12 +216,13 @@ async def test_start_system_serves_replans_and_stops(cache: Path, tmp_path: Path
 
     st = system.supervisor.status()
     assert {name: (s["running"], s["last_exit"]) for name, s in st.items()} == {
-        "planner": (False, 0), "ingress": (False, 0), "worker": (False, 0), "gateway": (False, 0)}  # gracefully
+        "planner": (False, 0), "ingress": (False, 0), "ingress-2": (False, 0), "worker": (False, 0),
+        "gateway": (False, 0)}  # gracefully
     assert replica_pids and not any(alive(pid) for pid in replica_pids)
     with pytest.raises(TimeoutError):
         await wait_for_redis(system.redis_url, 0.5)  # the embedded Redis is gone too
-    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["gateway.log", "ingress.log", "planner.log",
-                                                                     "worker.log"]
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["gateway.log", "ingress-2.log", "ingress.log",
+                                                                     "planner.log", "worker.log"]
     assert os.environ.get("GRAFT_CACHE_DIR") == str(cache)
 
 

@@ -53,11 +53,12 @@ def summary_table(s: dict[str, Any]) -> Table:
 
 
 async def _up(settings: Settings, demo: bool, duration: float, devices: int, rate: float, slo: list[float],
-              trace: str | None, json_out: Path | None, reprofile: bool = False, warmup: float = 12.0) -> int:
+              trace: str | None, json_out: Path | None, reprofile: bool = False, warmup: float = 12.0,
+              ingresses: int = 2) -> int:
     profile_path, measured = ensure_profile(settings, progress=True, refresh=reprofile)
     console.print(f"profile: {profile_path}{' (measured now, cached)' if measured else ''}")
     log_dir = Path(".graft") / "logs" / time.strftime("%Y%m%d-%H%M%S")
-    system = await start_system(settings, profile_path, log_dir=log_dir)
+    system = await start_system(settings, profile_path, log_dir=log_dir, ingresses=ingresses)
     console.print(f"redis: {system.redis_url}{' (embedded)' if system.redis else ''}; service logs in {log_dir}")
     try:
         with console.status("waiting for plan and replicas…") as st:
@@ -131,6 +132,7 @@ def up(
     trace: Annotated[str | None, typer.Option(help="mahimahi uplink trace for the devices (default: synthetic)")] = None,
     json_out: Annotated[Path | None, typer.Option("--json-out", help="write the demo summary as JSON")] = None,
     reprofile: Annotated[bool, typer.Option("--reprofile", help="measure this host's profile again, replacing the cached one")] = False,
+    ingresses: Annotated[int, typer.Option(min=1, help="ingress processes (2: a killed one's requests are taken over at once)")] = 2,
 ) -> None:
     """Start Redis (embedded if REDIS_URL is unset), planner, ingress and workers; --demo drives a load."""
     logs.configure("console", "warning")
@@ -152,7 +154,7 @@ def up(
         console.print("[red]GRAFT_REDIS_MODE=cluster needs REDIS_URL naming a node of the cluster[/red]")
         raise typer.Exit(2)
     slos = [float(x) for x in slo_ms.split(",") if x.strip()]
-    code = asyncio.run(_up(settings, demo, duration, devices, rate, slos, trace, json_out, reprofile, warmup))
+    code = asyncio.run(_up(settings, demo, duration, devices, rate, slos, trace, json_out, reprofile, warmup, ingresses))
     raise typer.Exit(code)
 
 

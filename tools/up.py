@@ -101,9 +101,11 @@ SERVICES = ("planner", "ingress", "worker", "gateway")
 async def start_system(settings: Settings, profile_path: Path, *, log_dir: Path,
                        services: tuple[str, ...] = SERVICES,
                        before_services: Callable[[str], Awaitable[None]] | None = None,
-                       service_urls: Mapping[str, str] | None = None) -> System:
+                       service_urls: Mapping[str, str] | None = None, ingresses: int = 1) -> System:
     """Start Redis (embedded unless ``settings.redis_url``) and the given services as children.
 
+    ``ingresses``: how many ingress processes (``ingress``, ``ingress-2``, ...: one consumer group, so a
+    killed one's entries are taken over by the others' reapers instead of waiting for its restart).
     ``before_services(url)`` runs once Redis answers and before any service starts (benchmarks use
     it to publish a fixed plan instead of running the planner). ``service_urls``: a Redis URL per
     service (each service's own ACL user, ``common.contract.access``) instead of ``settings.redis_url``.
@@ -130,8 +132,10 @@ async def start_system(settings: Settings, profile_path: Path, *, log_dir: Path,
             await before_services(url)
         env = {**settings.with_(redis_url=url, profile=str(profile_path)).to_env(), "GRAFT_LOG_FORMAT": "json"}
         urls = service_urls or {}
-        specs = [ChildSpec(name, argv[name], {**env, **({"REDIS_URL": urls[name]} if name in urls else {})})
-                 for name in services]
+        specs = [ChildSpec(child, argv[name], {**env, **({"REDIS_URL": urls[name]} if name in urls else {})})
+                 for name in services
+                 for child in ([name] if name != "ingress" else
+                               ["ingress", *(f"ingress-{k}" for k in range(2, max(1, ingresses) + 1))])]
         sup = Supervisor(specs, log_dir=log_dir)
         await sup.start()
     except BaseException:
