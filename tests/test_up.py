@@ -187,7 +187,7 @@ async def test_start_system_serves_replans_and_stops(cache: Path, tmp_path: Path
         # The plan carries the input shapes, so the front door never loads torch (a restart takes a second).
         assert first["shapes"]["resnet18"]["cuts"][0] == [3, SETTINGS.resolution, SETTINGS.resolution]
         for name in ("ingress", "ingress-2", "gateway"):
-            maps = Path(f"/proc/{system.supervisor.status()[name]['pid']}/maps").read_text()
+            maps = await asyncio.to_thread(Path(f"/proc/{system.supervisor.status()[name]['pid']}/maps").read_text)
             assert "libtorch" not in maps, f"{name} loaded torch"
 
         r = Redis.from_url(system.redis_url)
