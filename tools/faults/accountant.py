@@ -270,6 +270,31 @@ class Accountant:
         v.unknown_replies = sum(1 for seen in self.seen.values() if seen.req_id not in mine)
         return v
 
+    def breakdown(self, req_ids: Iterable[str]) -> dict[str, dict[str, float]]:
+        """Where the time went, per outcome (``ok``, ``ok-late``, or the error code): how many, and the
+        median / p99 of the send lag (entry id − intended: the producer's own delay) and of the server
+        span (reply − entry id: queueing and service inside Graft)."""
+        by_req = self.replies_by_req()
+        spans: dict[str, tuple[list[float], list[float]]] = {}
+        for rid in req_ids:
+            s = self.sent[rid]
+            got = by_req.get(rid)
+            if s.entry_id is None or not got:
+                continue
+            first, entered = got[0], id_ms(s.entry_id)
+            kind = (first.code or "?") if not first.ok else ("ok" if first.ms - s.intended_ms <= s.budget_ms else "ok-late")
+            lag, server = spans.setdefault(kind, ([], []))
+            lag.append(entered - s.intended_ms)
+            server.append(first.ms - entered)
+
+        def pct(xs: list[float], q: float) -> float:
+            xs = sorted(xs)
+            return round(xs[min(len(xs) - 1, int(q * len(xs)))], 1)
+
+        return {k: {"n": len(lag), "send_lag_p50_ms": pct(lag, 0.5), "send_lag_p99_ms": pct(lag, 0.99),
+                    "server_p50_ms": pct(srv, 0.5), "server_p99_ms": pct(srv, 0.99)}
+                for k, (lag, srv) in sorted(spans.items())}
+
     def sent_between(self, start_ms: float, end_ms: float) -> list[str]:
         return [rid for rid, s in self.sent.items() if start_ms <= s.intended_ms < end_ms]
 

@@ -72,7 +72,10 @@ async def malformed(ctx: Ctx) -> Result:
         dead1 = [await live.r.xlen(k) for k in dead_keys]
         return {"messages": sum(sent.values()), "kinds": len(KINDS), "unreadable": unreadable,
                 "dead_lettered": sum(b - a for a, b in zip(dead0, dead1, strict=True)),
-                "replica_pids_changed": sorted(before_pids ^ after_pids), "group_stream": group_stream}
+                # A replica that went away is a crash; one that appeared (a standby still warming up when the
+                # first census was taken) is not: a crash and its restart also show in the agents' restarts.
+                "replica_pids_gone": sorted(before_pids - after_pids),
+                "replica_pids_new": sorted(after_pids - before_pids), "group_stream": group_stream}
 
     async def body(live: Live) -> dict[str, Any]:
         extra = await under_load(live, name, fault, rate=20.0)
@@ -90,7 +93,7 @@ async def malformed(ctx: Ctx) -> Result:
     want = ctx.pick(10_000, 2_000, 300)
     res.target("messages", x.get("messages", 0) >= want, x.get("messages"), f"≥ {want:,}")
     res.target("kinds", x.get("kinds", 0) >= 30, x.get("kinds"), "≥ 30")
-    crashes = res.restarts.total + len(x.get("replica_pids_changed", []))
+    crashes = res.restarts.total + len(x.get("replica_pids_gone", []))
     res.target("crashes", crashes == 0, crashes, "0")
     unanswered = x.get("readable_messages", {}).get("lost", -1)
     res.target("unanswered readable", unanswered == 0, unanswered, "0")
@@ -141,7 +144,7 @@ async def overload(ctx: Ctx) -> Result:
                 "admitted_in_budget_pct": round(100.0 * v.ok_in_budget / admitted, 3) if admitted else 0.0,
                 "goodput_rps": round(v.ok_in_budget / over_s, 1),
                 "goodput_vs_capacity": round(v.ok_in_budget / over_s / capacity, 3) if capacity else 0.0,
-                "overload_ids": len(ids)}
+                "overload_ids": len(ids), "breakdown": live.acct.breakdown(ids)}
 
     res = await run_live(ctx, name, ctx.settings, body)
     x = res.extra
