@@ -27,24 +27,31 @@ from common.contract import keys, wire
 from common.store.cluster import queue_script
 
 # KEYS[1] = ledger, KEYS[2] = reply stream
-# ARGV = member, forget_at_ms (0: now + horizon), payload, stream maxlen, stream idle ttl s, horizon ms
+# ARGV = horizon ms, stream maxlen, stream idle ttl s, then per reply: member, forget_at_ms (0: now), payload
+# One call answers any number of submissions of one client: the ledger is pruned and its expiry set once,
+# not once per reply (what a refusal costs decides how much overload an ingress can turn away).
 _SEND = """
 redis.replicate_commands()
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local seen = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if seen and tonumber(seen) >= now then
-  return 0
-end
-local horizon = tonumber(ARGV[6])
-local forget = math.max(tonumber(ARGV[2]), now) + horizon
+local horizon = tonumber(ARGV[1])
+local maxlen = tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZADD', KEYS[1], forget, ARGV[1])
-local top = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-redis.call('PEXPIREAT', KEYS[1], tonumber(top[2]))
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', tonumber(ARGV[4]), '*', 'm', ARGV[3])
-redis.call('EXPIRE', KEYS[2], tonumber(ARGV[5]))
-return 1
+local sent = 0
+for i = 4, #ARGV, 3 do
+  local seen = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if not (seen and tonumber(seen) >= now) then
+    redis.call('ZADD', KEYS[1], math.max(tonumber(ARGV[i + 1]), now) + horizon, ARGV[i])
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'm', ARGV[i + 2])
+    sent = sent + 1
+  end
+end
+if sent > 0 then
+  local top = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+  redis.call('PEXPIREAT', KEYS[1], tonumber(top[2]))
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+end
+return sent
 """
 DEDUPE_HORIZON_MS = 30_000
 REPLY_STREAM_MAXLEN = 10_000
@@ -64,10 +71,12 @@ class ReplySender:
         self._script = redis.register_script(_SEND)
 
     @staticmethod
-    def _args(reply: wire.Reply, deadline: float | None) -> list[Any]:
-        forget_ms = 0 if deadline is None or not math.isfinite(deadline) else int(deadline * 1000.0)
-        return [submission(reply), forget_ms, wire.encode_reply(reply), REPLY_STREAM_MAXLEN,
-                REPLY_STREAM_IDLE_TTL_S, DEDUPE_HORIZON_MS]
+    def _args(items: Iterable[tuple[wire.Reply, float | None]]) -> list[Any]:
+        args: list[Any] = [DEDUPE_HORIZON_MS, REPLY_STREAM_MAXLEN, REPLY_STREAM_IDLE_TTL_S]
+        for reply, deadline in items:
+            forget_ms = 0 if deadline is None or not math.isfinite(deadline) else int(deadline * 1000.0)
+            args += [submission(reply), forget_ms, wire.encode_reply(reply)]
+        return args
 
     async def add(self, pipe: Any, client: str, reply: wire.Reply, deadline: float | None = None) -> None:
         """Queue one reply on ``pipe`` (a redis pipeline, or a cluster one: ``queue_script``) — nothing is
@@ -75,22 +84,36 @@ class ReplySender:
 
         ``deadline`` (unix seconds): the request's; the ledger remembers the submission until a
         horizon after it (None: a horizon from now)."""
+        await self.add_many(pipe, client, [(reply, deadline)])
+
+    async def add_many(self, pipe: Any, client: str, items: Iterable[tuple[wire.Reply, float | None]]) -> None:
+        """Queue the replies of one client as one command on ``pipe`` (in order; each submission still
+        answered at most once). Its result is how many were new."""
         await queue_script(pipe, self._script, [keys.reply_ledger(client), keys.reply_stream(client)],
-                           self._args(reply, deadline))
+                           self._args(items))
 
     async def send(self, client: str, reply: wire.Reply, deadline: float | None = None) -> bool:
         """Send one reply now; False when this submission was already answered."""
         res = await self._script(keys=[keys.reply_ledger(client), keys.reply_stream(client)],
-                                 args=self._args(reply, deadline))
+                                 args=self._args([(reply, deadline)]))
         return bool(res)
 
     async def send_many(self, replies: Iterable[tuple[str, wire.Reply]]) -> int:
-        """Send many replies in one pipelined round trip; returns how many were new."""
-        items = list(replies)
-        if not items:
+        """Send many replies in one pipelined round trip, one command per client; returns how many were new."""
+        by_client = group_by_client((client, rep, None) for client, rep in replies)
+        if not by_client:
             return 0
         async with self._redis.pipeline(transaction=False) as pipe:
-            for client, rep in items:
-                await self.add(pipe, client, rep)
+            for client, items in by_client.items():
+                await self.add_many(pipe, client, items)
             res = await pipe.execute()
-        return sum(1 for r in res if r)
+        return sum(int(r) for r in res if isinstance(r, int))
+
+
+def group_by_client(replies: Iterable[tuple[str, wire.Reply, float | None]]
+                    ) -> dict[str, list[tuple[wire.Reply, float | None]]]:
+    """Replies by client, each client's in their order."""
+    out: dict[str, list[tuple[wire.Reply, float | None]]] = {}
+    for client, reply, deadline in replies:
+        out.setdefault(client, []).append((reply, deadline))
+    return out

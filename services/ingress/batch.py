@@ -2,9 +2,9 @@
 
 Each entry read becomes an ``Outcome``: routed to a group stream, refused with an error reply to its
 client, or — when no client can be read from it — dead-lettered. ``Batch`` collects the outcomes and
-writes them: an XADD per routed request, an error reply per refusal (``ReplySender``: exactly once per
-submission) and the deletion of a refused request's blob, and one XACK on the batch's own shard
-stream. On a single Redis that is one pipelined round trip, in order. On a Redis Cluster the group
+writes them: an XADD per routed request, the error replies of the refusals (one command per client:
+``ReplySender``, exactly once per submission), the deletion of a refused request's blob, and one XACK on
+the batch's own shard stream. On a single Redis that is one pipelined round trip, in order. On a Redis Cluster the group
 streams, the reply streams and the shard are on different slots, and a cluster pipeline runs each
 node's part independently; so the XACK is a second round trip, for the entries whose writes
 succeeded: an entry whose route or reply could not be written (a master down) stays pending and is
@@ -59,6 +59,7 @@ class Batch:
         """Every routing, reply, blob deletion and the XACK of the batch: one round trip (two on a cluster)."""
         cluster = is_cluster(r)
         blobs: list[str] = []
+        refused: dict[str, list[Outcome]] = {}  # by client: one reply command per client, not per refusal
         async with r.pipeline(transaction=False) as pipe:
             for o in self.outcomes:
                 if o.stream is not None and o.request is not None:
@@ -69,10 +70,14 @@ class Batch:
                     req_id, client = o.ids
                     o.reply = wire.Reply.failure(req_id, o.error, epoch=epoch)
                     o.reply.source = o.entry.id
-                    await replies.add(pipe, client, o.reply, o.request.deadline if o.request is not None else None)
-                    o.reply_at = len(pipe) - 1
+                    refused.setdefault(client, []).append(o)
                     if o.blob:
                         blobs.append(keys.blob(req_id))
+            for client, group in refused.items():
+                await replies.add_many(pipe, client, [(o.reply, o.request.deadline if o.request is not None else None)
+                                                      for o in group if o.reply is not None])
+                for o in group:
+                    o.reply_at = len(pipe) - 1
             if not cluster:
                 for blob in blobs:
                     pipe.delete(blob)

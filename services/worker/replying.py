@@ -19,7 +19,7 @@ import structlog
 from common.contract import keys
 from common.logs import Event
 from common.store.cluster import is_cluster
-from common.store.replies import ReplySender
+from common.store.replies import ReplySender, group_by_client
 from common.store.streams import TRANSIENT, Backoff
 from services.worker.loop import Done
 
@@ -42,15 +42,16 @@ class Replier:
         for d in done:
             acks[d.stream].append(d.entry_id)
         blobs = [d.blob for d in done if d.blob is not None]
+        # One reply command per client of the batch (a phone's or a gateway's requests answered together).
+        by_client = group_by_client((d.client, d.reply, d.deadline) for d in done if d.client is not None)
         for attempt in range(RETRIES):
             try:
                 # A cluster pipeline runs each node's commands independently: there the XACKs and blob
                 # deletions wait for the replies in a second round trip, so no entry is acked unanswered.
                 split = is_cluster(self._r)
                 async with self._r.pipeline(transaction=False) as pipe:
-                    for d in done:
-                        if d.client is not None:
-                            await self.sender.add(pipe, d.client, d.reply, d.deadline)
+                    for client, items in by_client.items():
+                        await self.sender.add_many(pipe, client, items)
                     if not split:
                         self._ack(pipe, acks, blobs)
                     await pipe.execute()
