@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 from common import logs
 from common.metrics import HealthServer
 from common.settings import Settings, SettingsError
+from common.store.connection import TRANSIENT, connect
 from common.store.registry import Registry
-from common.store.streams import TRANSIENT, connect
 
 T = TypeVar("T")
 

@@ -26,8 +26,8 @@ import sys
 from typing import Any
 
 from common.contract import keys
+from common.store.connection import connect
 from common.store.registry import Registry
-from common.store.streams import connect
 from services.lifecycle import die_with_parent
 from services.worker.control import STOP, Assignment, messages, stdin_reader
 from services.worker.process import HEARTBEAT_S, REPLICA_TTL_S

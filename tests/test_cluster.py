@@ -23,10 +23,11 @@ from common.contract.errors import ErrorCode
 from common.model.zoo import describe
 from common.settings import Settings, SettingsError
 from common.store.cluster import GraftRedisCluster, _read_streams
+from common.store.connection import block_below_timeout, connect
 from common.store.plan_store import NotLeader, PlanWatcher, StaleEpoch, publish_plan
 from common.store.registry import Registry
 from common.store.replies import ReplySender
-from common.store.streams import StreamConsumer, block_below_timeout, connect, ensure_group, list_dead_letters
+from common.store.streams import StreamConsumer, ensure_group, list_dead_letters
 from services.ingress.bench import bench_plan
 from services.ingress.service import IngressService
 from services.planner.leadership import Lease

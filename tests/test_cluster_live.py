@@ -25,7 +25,7 @@ from common.client import GraftClient
 from common.contract import keys, wire
 from common.model.zoo import build_blocks
 from common.settings import Settings
-from common.store.streams import connect
+from common.store.connection import connect
 from services.planner.leadership import Lease
 from tests.gateway_helpers import free_port, write_cpu_profile
 from tests.helpers import run_blocks

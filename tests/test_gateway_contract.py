@@ -27,8 +27,8 @@ from tritonclient.utils import InferenceServerException
 from common.contract import wire
 from common.contract.errors import ErrorCode, GraftError, error_for_code
 from common.settings import Settings
+from common.store.connection import connect
 from common.store.plan_store import publish_plan
-from common.store.streams import connect
 from tests.gateway_helpers import (
     ScriptedGraft,
     fixed_plan,

@@ -26,8 +26,8 @@ from common.client import GraftClient
 from common.contract.routing import PlanView
 from common.model.zoo import describe
 from common.settings import Settings
+from common.store.connection import connect
 from common.store.plan_store import load_plan
-from common.store.streams import connect
 from tests.gateway_helpers import free_port, http_status, write_cpu_profile
 from tools.up import System, start_system
 

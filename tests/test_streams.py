@@ -15,7 +15,7 @@ from redis.exceptions import ResponseError
 from common.contract import keys, wire
 from common.contract.errors import BadTensor, ErrorCode
 from common.settings import Settings, SettingsError
-from common.store import streams
+from common.store import connection, streams
 from common.store.streams import Entry, StreamConsumer
 from tools.redis_server import RedisServer
 
@@ -159,7 +159,7 @@ async def test_blocking_read_returns_within_block_when_idle(redis: Redis) -> Non
 async def test_block_at_or_above_socket_timeout_is_refused(redis_url: str) -> None:
     with pytest.raises(SettingsError):
         Settings(block_ms=5000, socket_timeout_s=5.0)
-    client = streams.connect(redis_url, settings=Settings(block_ms=100, socket_timeout_s=0.2))
+    client = connection.connect(redis_url, settings=Settings(block_ms=100, socket_timeout_s=0.2))
     try:
         assert client.connection_pool.connection_kwargs["socket_timeout"] == 0.2
         assert await client.ping()
@@ -186,11 +186,11 @@ async def test_trim_by_age_on_the_redis_clock_and_by_length(redis: Redis) -> Non
 
 
 async def test_wait_for_redis(redis_url: str) -> None:
-    await streams.wait_for_redis(redis_url, timeout=2)
+    await connection.wait_for_redis(redis_url, timeout=2)
     from tools.redis_server import free_port
     t0 = time.monotonic()
     with pytest.raises(TimeoutError, match="did not answer"):
-        await streams.wait_for_redis(f"redis://127.0.0.1:{free_port()}/0", timeout=0.3)
+        await connection.wait_for_redis(f"redis://127.0.0.1:{free_port()}/0", timeout=0.3)
     assert time.monotonic() - t0 < 2.0
 
 
@@ -244,13 +244,13 @@ async def test_malformed_payload_does_not_crash_the_consumer_loop(redis: Redis) 
 async def test_consumer_loop_survives_a_redis_restart() -> None:
     async with RedisServer() as server:
         port = server.port
-        client = streams.connect(server.url, settings=Settings(block_ms=50, socket_timeout_s=1.0))
+        client = connection.connect(server.url, settings=Settings(block_ms=50, socket_timeout_s=1.0))
         producer = Redis.from_url(server.url)
         seen: list[bytes] = []
         stop = asyncio.Event()
         c = StreamConsumer(client, S, G, "w", block_ms=50)
         task = asyncio.create_task(c.run(lambda es: seen.extend(e.payload or b"" for e in es), stop=stop,
-                                         backoff=streams.Backoff(base=0.02, cap=0.2)))
+                                         backoff=connection.Backoff(base=0.02, cap=0.2)))
         try:
             async with asyncio.timeout(15):
                 for i in range(3):

@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 from common.contract import keys
 from common.profiles import Profile
 from common.settings import Settings
+from common.store.connection import wait_for_redis
 from common.store.plan_store import load_plan, publish_plan
 from common.store.registry import Registry
-from common.store.streams import wait_for_redis
 from tests.helpers import alive
 from tools import admin
 from tools.cli import app

@@ -35,9 +35,9 @@ from rich.table import Table
 from common.contract import keys
 from common.contract.routing import serving_from, unserved
 from common.settings import Settings
+from common.store.connection import connect
 from common.store.plan_store import load_plan
 from common.store.registry import Registry
-from common.store.streams import connect
 from services.ingress.bench import measure_routing_rate
 from tools.admin import send_control
 from tools.bench_limit import best_limit, limits_dict, unit_times

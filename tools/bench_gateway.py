@@ -35,8 +35,8 @@ from rich.table import Table
 from common.client import GraftClient
 from common.contract import wire
 from common.settings import Settings
+from common.store.connection import connect
 from common.store.plan_store import publish_plan
-from common.store.streams import connect
 from services.lifecycle import run_loop
 from tools.console import make_console
 from tools.gateway_submit import GrpcSubmitter, HttpSubmitter

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from common.planning.types import PlanningError, workload_from_dict
 from common.settings import Settings, SettingsError
-from common.store.streams import connect
+from common.store.connection import connect
 from tools import admin
 from tools.console import make_console
 

@@ -17,9 +17,9 @@ from common import logs
 from common.contract import keys
 from common.profiles import Profile
 from common.settings import Settings
+from common.store.connection import connect
 from common.store.plan_store import load_plan
 from common.store.registry import Registry
-from common.store.streams import connect
 from tools.cli_admin import plan_table
 from tools.console import make_console
 from tools.demo import demo_table, saving

@@ -23,9 +23,9 @@ from common.contract import keys
 from common.contract.routing import serving_from, unserved
 from common.profiles import Profile
 from common.settings import Settings
+from common.store.connection import connect, wait_for_redis
 from common.store.plan_store import load_plan
 from common.store.registry import Registry
-from common.store.streams import connect, wait_for_redis
 from tools.redis_server import RedisServer
 from tools.supervisor import ChildSpec, Supervisor, service_argv
 

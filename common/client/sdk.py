@@ -57,7 +57,7 @@ from common.contract.errors import GraftError, error_for_code
 from common.logs import Event, get_logger
 from common.settings import Settings
 from common.store.cluster import connection_kwargs, is_cluster
-from common.store.streams import TRANSIENT, Backoff, block_below_timeout, connect
+from common.store.connection import TRANSIENT, Backoff, block_below_timeout, connect
 
 if TYPE_CHECKING:
     import torch

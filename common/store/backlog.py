@@ -117,3 +117,19 @@ async def redis_now_ms(r: Any) -> int:
     """Redis's clock, the one that stamped the entry ids."""
     secs, micros = await r.time()
     return int(secs) * 1000 + int(micros) // 1000
+
+
+async def drained_streams(r: Any, streams: Iterable[str], ingress_statuses: Iterable[Mapping[str, Any]], *,
+                          quiet_s: float) -> set[str]:
+    """The retired group streams among ``streams`` that may be dropped: every live ingress routes by a
+    newer epoch than the stream's, nothing is left in it, and nothing was added for ``quiet_s``."""
+    statuses = list(ingress_statuses)
+    done: set[str] = set()
+    todo = [s for s in streams if (where := keys.parse_group_stream(s)) is not None and ingresses_past(statuses, where[0])]
+    if not todo:
+        return done
+    now_ms = await redis_now_ms(r)
+    for stream in todo:
+        if is_drained(await read_backlog(r, stream), now_ms=now_ms, quiet_s=quiet_s):
+            done.add(stream)
+    return done

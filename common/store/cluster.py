@@ -1,7 +1,7 @@
 """Redis Cluster as Graft's message plane (``GRAFT_REDIS_MODE=cluster``): the client, and what differs.
 
 ``connect_cluster`` returns a ``redis.asyncio.cluster.RedisCluster`` (``REDIS_URL`` names any node; the
-others are discovered) with the guarantees ``streams.connect`` gives a single Redis: the same socket
+others are discovered) with the guarantees ``connection.connect`` gives a single Redis: the same socket
 timeout above every BLOCK, the same health checks, and retries on connection errors and timeouts only —
 a BLOCK below the socket timeout never times out, so a blocked read is never re-sent silently.
 
@@ -86,20 +86,22 @@ def _read_streams(command: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return ()
 
 
-def connect_cluster(url: str, *, settings: Settings, client_name: str | None = None) -> GraftRedisCluster:
-    """A cluster client from any node's URL, with ``streams.connect``'s timeouts and retry policy."""
+def client_options(settings: Settings, client_name: str | None = None) -> dict[str, Any]:
+    """What every Graft client is made with, a single Redis's or a cluster's: bytes in and out, the
+    socket timeouts, health checks, and a retry policy for connection errors and timeouts only."""
     s = settings
-    retry = Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=3,
-                  supported_errors=(RedisConnectionError, RedisTimeoutError))
+    return {"decode_responses": False, "socket_timeout": s.socket_timeout_s,
+            "socket_connect_timeout": s.socket_timeout_s,
+            "health_check_interval": max(1, int(s.socket_timeout_s * 2)),
+            "retry": Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=3,
+                           supported_errors=(RedisConnectionError, RedisTimeoutError)),
+            "client_name": client_name}
+
+
+def connect_cluster(url: str, *, settings: Settings, client_name: str | None = None) -> GraftRedisCluster:
+    """A cluster client from any node's URL, with ``connection.connect``'s timeouts and retry policy."""
     client: GraftRedisCluster = GraftRedisCluster.from_url(  # type: ignore[assignment]  # from_url: cls(...)
-        url,
-        decode_responses=False,
-        socket_timeout=s.socket_timeout_s,
-        socket_connect_timeout=s.socket_timeout_s,
-        health_check_interval=max(1, int(s.socket_timeout_s * 2)),
-        retry=retry,
-        client_name=client_name,
-    )
+        url, **client_options(settings, client_name))
     return client
 
 

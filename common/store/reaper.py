@@ -24,12 +24,9 @@ from typing import Any
 from common.contract import keys
 from common.contract.errors import InvalidRequest
 from common.logs import Event, get_logger
+from common.store.connection import REDIS_DOWN, TRANSIENT, Backoff, Client
 from common.store.streams import (
     DEAD_LETTER_MAXLEN,
-    REDIS_DOWN,
-    TRANSIENT,
-    Backoff,
-    Client,
     DeadLetterHook,
     Entry,
     ack,

@@ -20,8 +20,8 @@ from typing import Any
 from common import logs
 from common.contract.routing import PlanView
 from common.model.shapes import Described, ModelShapes, ShapeBook, plan_shapes
+from common.store.connection import TRANSIENT
 from common.store.plan_store import PlanWatcher
-from common.store.streams import TRANSIENT
 from services.gateway.mapping import OUTPUT_NAME, input_name
 
 log = logs.get_logger("graft.gateway")

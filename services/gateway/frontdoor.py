@@ -27,7 +27,7 @@ from common.contract import wire
 from common.contract.errors import GraftError
 from common.metrics import GATEWAY_IN_FLIGHT, GATEWAY_LATENCY_MS, GATEWAY_REQUESTS
 from common.settings import Settings
-from common.store.streams import TRANSIENT
+from common.store.connection import TRANSIENT
 from services.gateway.catalog import Catalog, Signature
 from services.gateway.mapping import (
     NOT_FOUND,

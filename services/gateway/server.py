@@ -21,7 +21,7 @@ from common import logs
 from common.client import GraftClient
 from common.metrics import GATEWAY_PENDING
 from common.settings import Settings
-from common.store.streams import TRANSIENT
+from common.store.connection import TRANSIENT
 from services.gateway.catalog import Catalog, PlanFollower
 from services.gateway.frontdoor import FrontDoor
 from services.gateway.grpc_api import GrpcApi

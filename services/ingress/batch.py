@@ -19,8 +19,9 @@ from typing import Any
 from common.contract import keys, wire
 from common.contract.errors import GraftError
 from common.store.cluster import is_cluster
+from common.store.connection import TRANSIENT
 from common.store.replies import ReplySender
-from common.store.streams import TRANSIENT, Entry
+from common.store.streams import Entry
 
 
 @dataclass(slots=True)

@@ -26,9 +26,10 @@ import numpy as np
 from common.contract import keys, wire
 from common.model.zoo import describe
 from common.settings import Settings
+from common.store.connection import connect
 from common.store.plan_store import publish_plan
 from common.store.registry import Registry
-from common.store.streams import connect, ensure_group
+from common.store.streams import ensure_group
 from services.ingress.service import IngressService
 
 BENCH_MODEL = "resnet18"

@@ -45,19 +45,12 @@ from common.metrics import PLAN_EPOCH, QUEUE_LAG, REQUESTS, STAGE_MS
 from common.model.shapes import plan_shapes
 from common.settings import Settings
 from common.store.backlog import id_ms, poll_backlogs
+from common.store.connection import TRANSIENT, Backoff
 from common.store.plan_store import PlanWatcher
 from common.store.reaper import Reaper
 from common.store.registry import Registry
 from common.store.replies import ReplySender
-from common.store.streams import (
-    TRANSIENT,
-    Backoff,
-    Entry,
-    StreamConsumer,
-    dead_letter,
-    ensure_group,
-    safe_trim,
-)
+from common.store.streams import Entry, StreamConsumer, dead_letter, ensure_group, safe_trim
 from services.ingress.batch import Batch, Outcome
 from services.ingress.serving import speed
 from services.ingress.shedding import Backlogs, Verdict, decide

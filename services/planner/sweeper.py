@@ -58,19 +58,12 @@ from common.contract.routing import PlanView, Serving, choose, serving_from
 from common.metrics import SWEPT
 from common.settings import Settings
 from common.store.backlog import id_key, read_backlog
+from common.store.connection import REDIS_DOWN, TRANSIENT, Backoff
 from common.store.plan_store import find_plan, load_plan, plan_history
 from common.store.reaper import Reaper
 from common.store.registry import Registry
 from common.store.replies import ReplySender
-from common.store.streams import (
-    REDIS_DOWN,
-    TRANSIENT,
-    Backoff,
-    Entry,
-    StreamConsumer,
-    dead_letter,
-    ensure_group,
-)
+from common.store.streams import Entry, StreamConsumer, dead_letter, ensure_group
 from services.planner.rerouting import Rerouter
 
 log = logs.get_logger("graft.planner.sweeper")

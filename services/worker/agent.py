@@ -51,14 +51,14 @@ from common.contract.routing import PlanView
 from common.logs import Event
 from common.metrics import PLAN_EPOCH, REPLICAS, HealthServer
 from common.settings import Settings
-from common.store.backlog import ingresses_past, is_drained, read_backlog, redis_now_ms
+from common.store.backlog import drained_streams
+from common.store.connection import connect
 from common.store.plan_store import PlanWatcher
 from common.store.registry import Registry
-from common.store.streams import connect
 from services.lifecycle import Heartbeat
 from services.worker.assignment import Slot, Wanted, retarget
 from services.worker.control import Assignment, Task
-from services.worker.device import Device, DeviceError
+from services.worker.device import Device, cpu_device_of, default_agent_name
 from services.worker.process import (
     EXIT_CONFIG,
     REPLICA_TTL_S,
@@ -79,19 +79,6 @@ log = structlog.get_logger("worker.agent")
 ProcKey = tuple[str, str, int]  # device, model, share
 
 
-def default_name(devices: Sequence[Device]) -> str:
-    return f"{socket.gethostname()}-{'+'.join(d.name for d in devices)}"
-
-
-def _cpu_device_of(name: str, node: str) -> Device | None:
-    """The CPU device a plan's device name denotes on ``node`` ("all CPU devices" mode adopts it), else None."""
-    try:
-        d = Device.parse(name)
-    except DeviceError:
-        return None
-    return d if d.kind == "cpu" and d.node == node and d.name == name else None
-
-
 class Agent:
     def __init__(self, settings: Settings, devices: Sequence[Device], *, name: str | None = None,
                  redis: Any | None = None, python: str = sys.executable, poll_s: float = 0.1,
@@ -104,7 +91,7 @@ class Agent:
         self.node = settings.node
         self.devices = {d.name: d for d in (dev.on(self.node) for dev in devices)}
         self._all_cpu = all_cpu_devices
-        self.name = name or default_name(list(self.devices.values()))
+        self.name = name or default_agent_name(list(self.devices.values()))
         self._redis: Any = redis
         self._own_redis = redis is None
         self._python = python
@@ -236,7 +223,7 @@ class Agent:
     def _wanted(self, view: PlanView) -> list[Wanted]:
         if self._all_cpu:
             for name in view.devices():
-                if name not in self.devices and (d := _cpu_device_of(name, self.node)) is not None:
+                if name not in self.devices and (d := cpu_device_of(name, self.node)) is not None:
                     self.devices[name] = d
         scale = view.raw.get("latency_scale") or {}
         out: list[Wanted] = []
@@ -441,16 +428,8 @@ class Agent:
         draining = {s for slot in self.slots for s in slot.draining}
         if not draining and not any(s.idle for s in self.slots):
             return
-        done: set[str] = set()
-        if draining:
-            ingresses = list((await self._ingresses.live()).values())
-            now_ms = await redis_now_ms(self._redis)
-            for stream in draining:
-                where = keys.parse_group_stream(stream)
-                if where is None or not ingresses_past(ingresses, where[0]):
-                    continue
-                if is_drained(await read_backlog(self._redis, stream), now_ms=now_ms, quiet_s=DRAIN_QUIET_S):
-                    done.add(stream)
+        done = (await drained_streams(self._redis, draining, (await self._ingresses.live()).values(),
+                                      quiet_s=DRAIN_QUIET_S) if draining else set())
         for slot in list(self.slots):
             for stream in done & set(slot.draining):
                 slot.drained(stream)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+import socket
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,17 @@ def share_env(device: Device, share: int, base: Mapping[str, str] | None = None)
         env["OMP_NUM_THREADS"] = str(share)
         env["MKL_NUM_THREADS"] = str(share)
     return env
+
+
+def default_agent_name(devices: Sequence[Device]) -> str:
+    """A worker agent's name when none is given: the host and the devices it serves."""
+    return f"{socket.gethostname()}-{'+'.join(d.name for d in devices)}"
+
+
+def cpu_device_of(name: str, node: str) -> Device | None:
+    """The CPU device a plan's device name denotes on ``node`` ("all CPU devices" mode adopts it), else None."""
+    try:
+        d = Device.parse(name)
+    except DeviceError:
+        return None
+    return d if d.kind == "cpu" and d.node == node and d.name == name else None

@@ -33,15 +33,9 @@ from common.contract import keys, wire
 from common.contract.errors import GraftError, InternalError
 from common.logs import Event
 from common.metrics import DEAD_LETTERS, RECLAIMED
+from common.store.connection import TRANSIENT, Backoff
 from common.store.reaper import Reaper
-from common.store.streams import (
-    DEAD_LETTER_MAXLEN,
-    TRANSIENT,
-    Backoff,
-    Entry,
-    StreamConsumer,
-    safe_trim,
-)
+from common.store.streams import DEAD_LETTER_MAXLEN, Entry, StreamConsumer, safe_trim
 from services.worker.intake import Intake, Job, Rejection
 from services.worker.loop import BatchLoop, Done
 from services.worker.replying import Replier

@@ -42,8 +42,8 @@ from common.metrics import PLAN_EPOCH, HealthServer
 from common.model.executor import WARM_BATCH, FragmentRunner, warm_up
 from common.model.timing import prepare_device
 from common.settings import Settings
+from common.store.connection import TRANSIENT, connect
 from common.store.registry import Registry
-from common.store.streams import TRANSIENT, connect
 from services.lifecycle import die_with_parent, run_loop
 from services.worker.control import STOP, Assignment, messages, stdin_reader
 from services.worker.device import Device, DeviceError

@@ -19,8 +19,8 @@ import structlog
 from common.contract import keys
 from common.logs import Event
 from common.store.cluster import is_cluster
+from common.store.connection import TRANSIENT, Backoff
 from common.store.replies import ReplySender, group_by_client
-from common.store.streams import TRANSIENT, Backoff
 from services.worker.loop import Done
 
 log = structlog.get_logger("worker.replying")

@@ -78,7 +78,7 @@ def check_redis_server(redis_url: str | None) -> Check:
 
 async def _ping(url: str, timeout_s: float) -> float:
     from common.settings import Settings
-    from common.store.streams import connect
+    from common.store.connection import connect
 
     r = connect(url, settings=Settings.from_env(), client_name="graft-doctor")
     try:

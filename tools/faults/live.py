@@ -26,9 +26,9 @@ from typing import Any
 from common.contract import keys
 from common.contract.routing import serving_from, unserved
 from common.settings import Settings
+from common.store.connection import connect
 from common.store.plan_store import load_plan
 from common.store.registry import Registry
-from common.store.streams import connect
 from tools.faults.accountant import Accountant
 from tools.faults.procs import Census, Proc, kill_all, rss_kib, short
 from tools.redis_server import RedisServer
