@@ -15,7 +15,7 @@ from common.store.registry import Registry
 from services.planner.observed import TrafficWindow, build_workload, drift, parse_stats
 from services.planner.replanning import Steering, next_plan
 from services.planner.service import Planner
-from tests.helpers import cpu_test_profile
+from tests.helpers import cpu_test_profile, until
 
 
 def tiny_profile():
@@ -192,6 +192,11 @@ def unplaced_gauge() -> float | None:
     return REGISTRY.get_sample_value("graft_plan_unplaced_replicas")
 
 
+async def gauge_reaches(n: float) -> None:
+    """The gauge is set just after the plan is stored: a reader of the plan may look in between."""
+    await until(lambda: unplaced_gauge() == n, 5.0, f"graft_plan_unplaced_replicas == {n} (is {unplaced_gauge()})")
+
+
 async def test_planner_places_on_live_worker_devices_and_follows_them(redis, tmp_path) -> None:
     from common.planning import verify_plan
     from common.planning.types import workload_from_dict
@@ -217,20 +222,20 @@ async def test_planner_places_on_live_worker_devices_and_follows_them(redis, tmp
         plan = await wait_plan(redis, lambda p: p["epoch"] == 2, "the scaled plan")
         assert devices_of(plan) == ["gpu0", "gpu1", "gpu2"]
         assert plan["unplaced"] == [{"device": "gpu1", "replicas": 2}, {"device": "gpu2", "replicas": 2}]
-        assert unplaced_gauge() == 4
+        await gauge_reaches(4)
         assert verify_plan(prof, workload_from_dict({"fragments": plan["workload"]}), plan) == []
 
         # An agent hosting exactly a missing device: it serves it as named, same epoch, smaller report.
         await beat(redis, "w1", ["gpu2"])
         plan = await wait_plan(redis, lambda p: len(p["unplaced"]) == 1, "the report to shrink")
         assert plan["epoch"] == 2 and plan["unplaced"] == [{"device": "gpu1", "replicas": 2}]
-        assert unplaced_gauge() == 2
+        await gauge_reaches(2)
 
         # An agent with other devices: re-plan at once (no minimum epoch length), everything placed.
         await beat(redis, "w2", ["gpu5", "gpu7"])
         plan = await wait_plan(redis, lambda p: p["epoch"] == 3, "a re-plan onto the new agent")
         assert devices_of(plan) == ["gpu0", "gpu2", "gpu5"] and plan["unplaced"] == []
-        assert unplaced_gauge() == 0
+        await gauge_reaches(0)
 
         # gpu0's agent dies: after the grace its replicas move to the spare gpu7.
         gone_at = time.monotonic()
@@ -244,7 +249,8 @@ async def test_planner_places_on_live_worker_devices_and_follows_them(redis, tmp
         await gone(redis, "w2")
         plan = await wait_plan(redis, lambda p: p["unplaced"], "the shortfall report")
         assert plan["epoch"] == 4 and sorted(devices_of(plan)) == ["gpu2", "gpu5", "gpu7"]
-        assert sorted(u["device"] for u in plan["unplaced"]) == ["gpu5", "gpu7"] and unplaced_gauge() == 4
+        assert sorted(u["device"] for u in plan["unplaced"]) == ["gpu5", "gpu7"]
+        await gauge_reaches(4)
         assert planner.current is not None and planner.current["unplaced"] == plan["unplaced"]
 
         # Draining the one live device leaves nothing to place on; the drained one gets no replica.

@@ -59,17 +59,21 @@ async def _stand_in_replica(r: Any, plan: dict[str, Any], stop: asyncio.Event) -
             await asyncio.wait_for(stop.wait(), 0.5)
 
 
-def _requests(n: int, client: str) -> list[bytes]:
+def _requests(n: int, client: str, budget_ms: float = 30_000.0, clients: int = 1) -> list[bytes]:
     info = describe(BENCH_MODEL, BENCH_RESOLUTION)
     cut = info.n_blocks - 1
     tensor = np.ones(info.cut_shape(cut), np.float32)
-    return [wire.encode_request(wire.Request(req_id=f"{client}-{i}", client=client, model=BENCH_MODEL, cut=cut,
-                                             tensor=tensor, budget_ms=30_000.0)) for i in range(n)]
+    return [wire.encode_request(wire.Request(req_id=f"{client}-{i}", client=f"{client}-{i % clients}", model=BENCH_MODEL,
+                                             cut=cut, tensor=tensor, budget_ms=budget_ms)) for i in range(n)]
 
 
 async def measure_routing_rate(redis_url: str, n: int = 20_000, *, count: int = 256,
-                               redis_mode: str = "single") -> float:
-    """Requests per second routed by one in-process ingress (wall clock, this machine)."""
+                               redis_mode: str = "single", refuse: bool = False) -> float:
+    """Requests per second routed by one in-process ingress (wall clock, this machine).
+
+    ``refuse``: every request's budget is below the group's fastest run, so each is answered at the
+    ingress (``DEADLINE_EXCEEDED``, the same reply path as ``OVERLOADED``) by four clients: how fast an
+    overloaded ingress turns requests away."""
     settings = Settings(redis_url=redis_url, redis_mode=redis_mode, models=(BENCH_MODEL,),
                         resolution=BENCH_RESOLUTION, stream_maxlen=max(100_000, 2 * n))
     r = connect(redis_url, settings=settings)
@@ -82,7 +86,7 @@ async def measure_routing_rate(redis_url: str, n: int = 20_000, *, count: int = 
         await publish_plan(r, plan)
         beating = asyncio.create_task(_stand_in_replica(r, plan, stop))
         await ensure_group(r, keys.INGRESS, keys.INGRESS_GROUP, "0")
-        payloads = _requests(n, f"bench-{uuid.uuid4().hex[:8]}")
+        payloads = _requests(n, f"bench-{uuid.uuid4().hex[:8]}", *((0.5, 4) if refuse else (30_000.0, 1)))
         for i in range(0, n, 1000):
             async with r.pipeline(transaction=False) as pipe:
                 for p in payloads[i:i + 1000]:
@@ -98,8 +102,9 @@ async def measure_routing_rate(redis_url: str, n: int = 20_000, *, count: int = 
                 raise RuntimeError("ingress stopped before routing every request")
             await asyncio.sleep(0.002)
         elapsed = time.perf_counter() - start
-        if service.replied_total:
-            raise RuntimeError(f"{service.replied_total} bench requests were refused")
+        if (service.routed_total if refuse else service.replied_total):
+            raise RuntimeError(f"{service.routed_total if refuse else service.replied_total} bench requests were "
+                               f"{'routed' if refuse else 'refused'}")
         stop.set()
         await task
         return n / elapsed

@@ -317,16 +317,21 @@ class IngressService:
         routed = len(batch.routed)
         self.routed_total += routed
         _OK.inc(routed)
+        # One log line per batch and kind of refusal, not one per request: under overload an ingress turns
+        # away thousands a second, and rendering a line each would take the CPU the replicas need.
+        refused: dict[str, list[Outcome]] = {}
         for o in batch.refused:
             assert o.reply is not None and o.reply.error is not None and o.ids is not None
             self.replied_total += 1
             self._outcome(o.reply.error.code).inc()
-            if o.reply.error.code == str(Overloaded.code):
-                log.info(Event.REQUEST_SHED, req_id=o.ids[0], client=o.ids[1], group=o.reply.error.details.get("group"),
-                         retry_after_ms=o.reply.error.details.get("retry_after_ms"))
-            else:
-                log.info(Event.REQUEST_REJECTED, req_id=o.ids[0], client=o.ids[1], code=o.reply.error.code,
-                         error=o.reply.error.message)
+            refused.setdefault(o.reply.error.code, []).append(o)
+        for code, outs in refused.items():
+            first = outs[0]
+            assert first.reply is not None and first.reply.error is not None and first.ids is not None
+            log.info(Event.REQUEST_SHED if code == str(Overloaded.code) else Event.REQUEST_REJECTED, code=code,
+                     count=len(outs), req_ids=[o.ids[0] for o in outs[:5] if o.ids is not None],
+                     clients=sorted({o.ids[1] for o in outs if o.ids is not None})[:5],
+                     group=first.reply.error.details.get("group"), error=first.reply.error.message)
         for o in batch.malformed:
             assert o.error is not None
             log.warning(Event.MALFORMED, ingress=self.name, entry_id=o.entry.id, code=str(o.error.code),

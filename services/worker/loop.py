@@ -208,7 +208,9 @@ class BatchLoop:
             exc = DeadlineExceeded(f"request cannot finish before its deadline (late by {max(late_ms, 0.0)} ms "
                                    f"or too little time left to run)", late_ms=late_ms)
             done.append(Done.of(job, self._failure(job, exc, now, None)))
-            log.info(Event.DEADLINE_EXCEEDED, req_id=job.req_id, cut=job.pending.cut, late_ms=late_ms)
+        # One line for the lot (an overloaded replica may expire hundreds at once).
+        log.info(Event.DEADLINE_EXCEEDED, count=len(jobs), req_ids=[j.req_id for j in jobs[:5]],
+                 cuts=sorted({j.pending.cut for j in jobs}), late_ms_max=round((now - min(j.deadline for j in jobs)) * 1000.0, 3))
         self.expired += len(done)
         SLO.labels(group=self.group, met="false").inc(len(done))
         try:
