@@ -30,7 +30,7 @@ from common.store.connection import connect
 from common.store.plan_store import publish_plan
 from common.store.registry import Registry
 from common.store.streams import ensure_group
-from services.ingress.service import IngressService
+from services.ingress.service import READ_COUNT, IngressService
 
 BENCH_MODEL = "resnet18"
 BENCH_RESOLUTION = 32
@@ -67,7 +67,7 @@ def _requests(n: int, client: str, budget_ms: float = 30_000.0, clients: int = 1
                                              cut=cut, tensor=tensor, budget_ms=budget_ms)) for i in range(n)]
 
 
-async def measure_routing_rate(redis_url: str, n: int = 20_000, *, count: int = 256,
+async def measure_routing_rate(redis_url: str, n: int = 20_000, *, count: int = READ_COUNT,
                                redis_mode: str = "single", refuse: bool = False) -> float:
     """Requests per second routed by one in-process ingress (wall clock, this machine).
 
