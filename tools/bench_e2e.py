@@ -219,7 +219,10 @@ def _plots(out: Path, searches: list[Search]) -> list[str]:
             ax.axvline(s.budget_ms, color="grey", ls=":", lw=1)
     ax.set_xlabel("client latency (ms)")
     ax.set_ylabel("CDF")
-    ax.legend(fontsize=8)
+    if any(s.confirmed for s in searches):
+        ax.legend(fontsize=8)
+    else:
+        ax.set_title("no load held the target three times: no latency CDF at a max load", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "latency_cdf.png", dpi=120)
