@@ -4,6 +4,7 @@ duplicated 0, nothing left over, and its own)."""
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 
 import pytest
@@ -59,3 +60,21 @@ async def test_graft_up_stopped_in_its_first_second_leaves_nothing(ctx: Ctx, sig
     run = await _one_stop(ctx, sig, "first-child")
     assert run["processes_seen"] >= 1 and run["signalled_at_s"] < 30
     assert run["exit_code"] is not None and run["leftovers"] == [], run
+
+
+@pytest.fixture
+def cluster_ctx(ctx: Ctx, redis_cluster_url: str) -> Ctx:
+    """The same scenarios on a real 3-master Redis Cluster (emptied by each scenario's start)."""
+    return dataclasses.replace(ctx, settings=ctx.settings.with_(redis_mode="cluster", redis_url=redis_cluster_url))
+
+
+async def test_on_a_redis_cluster_a_replica_sigkill_loses_nothing(cluster_ctx: Ctx) -> None:
+    res = await replica_kills(cluster_ctx, 0)
+    assert res.met, explain(res)
+    assert res.restarts.takeovers >= 1 and res.verdict.ok_in_budget_pct >= 95.0
+
+
+async def test_on_a_redis_cluster_malformed_messages_are_answered_or_dead_lettered(cluster_ctx: Ctx) -> None:
+    res = await malformed(cluster_ctx)
+    assert res.met, explain(res)
+    assert res.extra["readable_messages"]["lost"] == 0 and res.extra["dead_lettered"] >= res.extra["unreadable"]

@@ -32,6 +32,7 @@ import msgpack
 
 from common.contract import keys
 from common.store.backlog import id_ms
+from common.store.cluster import is_cluster
 
 GRACE_MS = 1000.0
 PAGE = 1000
@@ -211,7 +212,12 @@ class Accountant:
                 await asyncio.sleep(0.05)
                 continue
             try:
-                resp = await r.xread(streams, block=block_ms, count=PAGE)
+                if is_cluster(r):  # reply streams live on different slots: one read per stream, together
+                    parts = await asyncio.gather(*(r.xread({k: v}, block=block_ms, count=PAGE)
+                                                   for k, v in streams.items()))
+                    resp = [row for part in parts for row in (part or [])]
+                else:
+                    resp = await r.xread(streams, block=block_ms, count=PAGE)
             except Exception:  # Redis restarting: try again shortly
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.1)

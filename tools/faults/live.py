@@ -1,7 +1,8 @@
 """One live Graft for one scenario: started as ``graft up`` starts it, watched, stopped, checked for leftovers.
 
-``Live`` starts ``tools.up.start_system`` (embedded Redis on a unix socket, or a ``RedisServer`` the
-scenario owns, e.g. with AOF), records every descendant process while it runs (``Census``), tails the
+``Live`` starts ``tools.up.start_system`` (embedded Redis on a unix socket, a ``RedisServer`` the
+scenario owns, e.g. with AOF, or the suite's Redis Cluster, emptied first, when the settings say
+``cluster``), records every descendant process while it runs (``Census``), tails the
 reply streams into the scenario's ``Accountant``, and knows where the parts are: the serving replicas
 and their standbys (replica registry), the worker agent, ingress and planner (supervisor), and what
 restarted (supervisor restarts, agent ``restarts``/``takeovers``, summed over every agent instance seen).
@@ -93,6 +94,13 @@ class Live:
 
     async def __aenter__(self) -> Live:
         t0 = time.monotonic()
+        if self.settings.redis_mode == "cluster":  # the suite's cluster outlives a scenario: start it empty
+            assert self.settings.redis_url, "cluster mode needs the cluster's URL"
+            r = connect(self.settings.redis_url, settings=self.settings)
+            try:
+                await r.flushall(target_nodes="primaries")
+            finally:
+                await r.aclose()
         self.system = await start_system(self.settings, self.profile, log_dir=self.log_dir)
         if self.extra_ingresses:
             env = {**self.settings.with_(redis_url=self.system.redis_url, profile=str(self.profile)).to_env(),
