@@ -109,9 +109,25 @@ class Bench:
                 serving = serving_from((await replicas.live()).values())
                 routing = [s for s in (await ingresses.live()).values() if s.get("epoch") == view.epoch]
                 if routing and not unserved(view, serving):
+                    await self.settle(replicas, deadline)
                     return view.raw
             await asyncio.sleep(0.2)
         raise TimeoutError(f"the plan for {rate:.0f} req/s ({policy}, {budget:g} ms) was not served within 90 s")
+
+    async def settle(self, replicas: Registry, deadline: float) -> None:
+        """Wait until every replica process the agents run has loaded (a standby warming up behind a new
+        plan takes the CPU the point is measured on), the same set for half a second."""
+        agents = Registry(self.r, keys.WORKER_KIND, 5.0)
+        stable_since, last = time.monotonic(), None
+        while time.monotonic() < deadline:
+            names = {p["name"] for a in (await agents.live()).values() for p in a.get("replicas", [])
+                     if p.get("exit_code") is None}
+            loaded = {n for n, s in (await replicas.live()).items() if s.get("state") in ("standby", "serving")}
+            if names != last or not names <= loaded:
+                stable_since, last = time.monotonic(), names
+            elif time.monotonic() - stable_since >= 0.5:
+                return
+            await asyncio.sleep(0.1)
 
     async def point(self, policy: str, budget: float, rate: float, phase: str) -> Point:
         plan = await self.apply_plan(rate, budget, policy)
