@@ -336,12 +336,29 @@ async def test_entries_held_in_a_slow_batch_are_not_stolen_by_a_sibling(redis: A
             await asyncio.sleep(0.1)
         assert stolen == []
         rows = await redis.xpending_range(S1, keys.WORKER_GROUP, min="-", max="+", count=10)
-        assert {r["message_id"].decode() for r in rows} == set(ids)
+        # The batch in flight is held (re-stamped) by this replica; what came after it was not taken
+        # while the batch ran, and stays in the stream for whichever replica is free first.
+        assert [r["message_id"].decode() for r in rows] == ids[:1]
         assert all(r["consumer"] == CONSUMER.encode() and r["times_delivered"] == 1 for r in rows)
         got = await replies(redis, 2)
         assert replica.feed is not None and replica.feed.reclaimed == 0
     assert got["slow"].ok and got["queued"].ok
     assert len(await raw_replies(redis)) == 2
+
+
+async def test_a_busy_replica_leaves_new_entries_to_a_free_sibling(redis: Any, redis_url: str,
+                                                                   blocks: list[torch.nn.Module]) -> None:
+    async with running(redis_url, serving(task(batch=4))) as (replica, _run, _control):
+        assert replica.loop is not None
+        replica.loop.runner = Slow(replica.loop.runner, 1.0)
+        first = await put(redis, S1, [request(blocks, "first", 8, 60)[0]])
+        await until(lambda: bool(replica.loop and replica.loop.in_flight), 5, "the first batch running")
+        later = await put(redis, S1, [request(blocks, f"later{i}", 8, 61 + i)[0] for i in range(3)])
+        sibling = await redis.xreadgroup(keys.WORKER_GROUP, "cpu0-resnet18-7", {S1: ">"}, count=10)
+        taken = [raw_id.decode() for _, rows in sibling for raw_id, _ in rows]
+        assert taken == later  # a free sibling gets every entry that arrived during the batch
+        got = await replies(redis, 1)
+        assert got["first"].ok and len(first) == 1
 
 
 # ------------------------------------------------------------------------------------ assignments
@@ -419,10 +436,12 @@ async def test_stop_serves_what_it_holds_then_exits_0(redis: Any, redis_url: str
     replica.loop.runner = Slow(replica.loop.runner, 0.3)
     work = [request(blocks, f"s{i}", CUTS[i % 3], i) for i in range(4)]
     await put(redis, S1, [p for p, _ in work])
-    await until(lambda: replica.loop is not None and replica.loop.size == 4, 5, "four held")
+    await until(lambda: replica.loop is not None and len(replica.loop.in_flight) == 2, 5, "a batch of two running")
+    held = set(replica.loop.held())
     control.stop()
     assert await asyncio.wait_for(run, 20) == 0
     got = await replies(redis, 4, timeout=1)  # answered before it exited
+    assert len(held) == 2  # it took nothing more while the batch ran
     for i, (_, expected) in enumerate(work):
         exact(got[f"s{i}"], expected)
     assert (await redis.xpending(S1, keys.WORKER_GROUP))["pending"] == 0

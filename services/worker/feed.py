@@ -2,8 +2,9 @@
 
 One reader task per assigned stream (the active group's, and retired ones it still drains) reads
 under the replica's consumer name: its own pending entries first (a process that took over the slot
-of a dead one continues where that one stopped), then new ones, never more than the loop has room
-for (``capacity``: what is left in the stream can still go to a sibling replica). Every entry is
+of a dead one continues where that one stopped), then new ones, never more than one batch and never
+while a batch runs (``BatchLoop.wait_for_space``: what is left in the stream goes to whichever
+replica of the group is free first). Every entry is
 admitted through ``Intake``: a bad one is answered (or dead-lettered when nobody can be answered), a
 late one is answered ``DEADLINE_EXCEEDED``, a good one joins the EDF queue of the batch loop.
 
@@ -76,8 +77,8 @@ class Feed:
 
     @property
     def capacity(self) -> int:
-        # Read little ahead: entries left in the stream can still go to another replica of the group.
-        return 2 * self.loop.max_batch
+        # One batch: entries left in the stream can still go to another replica of the group.
+        return self.loop.max_batch
 
     @property
     def streams(self) -> list[str]:

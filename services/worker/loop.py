@@ -154,7 +154,13 @@ class BatchLoop:
         self._wake.set()
 
     async def wait_for_space(self, capacity: int) -> None:
-        while self.size >= capacity:
+        """Return when the reader may take new entries: fewer than ``capacity`` held and no batch in flight.
+
+        While a batch runs the replica takes nothing: what arrives stays in the stream, a queue shared
+        by the group's replicas, for the first one free to run it. A busy replica that read ahead would
+        lock entries in its own queue while a sibling sat idle (two replicas reading eagerly get
+        alternate entries, two separate queues; pulling when free makes one queue with two servers)."""
+        while self.size >= capacity or self.in_flight:
             self._space.clear()
             await self._space.wait()
 
