@@ -73,3 +73,17 @@ async def serving_replica(r: Any, *streams: str, name: str = "fake-replica", int
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await registry.leave(name)
+
+
+class NoRedis:
+    """A Redis client that code under test must not use (constructors may register scripts; nothing runs):
+    passed where logic is meant to talk to its ``Store`` only."""
+
+    def register_script(self, body: str) -> Any:
+        return self._refuse
+
+    def _refuse(self, *args: Any, **kw: Any) -> Any:
+        raise AssertionError("Redis used directly, not through the Store")
+
+    def __getattr__(self, name: str) -> Any:
+        return self._refuse

@@ -75,6 +75,13 @@ class InternalError(GraftError):
     code = ErrorCode.INTERNAL
 
 
+class StoreUnavailable(InternalError):
+    """The store (Redis) cannot be reached for a moment: back off and try again; nothing was lost.
+
+    The serving path's store boundary (``common.store.protocol``) raises this, and only this, in place
+    of redis-py's connection, timeout and cluster-down errors, so code above it knows one error of ours."""
+
+
 _BY_CODE: dict[ErrorCode, type[GraftError]] = {
     ErrorCode.INVALID_REQUEST: InvalidRequest,
     ErrorCode.UNKNOWN_MODEL: UnknownModel,

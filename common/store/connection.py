@@ -16,6 +16,7 @@ from redis.exceptions import ClusterDownError, ClusterError, ResponseError, Slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from common.contract.errors import StoreUnavailable
 from common.settings import Settings
 from common.store.cluster import client_options, connect_cluster, connection_kwargs
 
@@ -26,10 +27,11 @@ Client = Redis | RedisCluster
 _CLUSTER_DOWN: tuple[type[Exception], ...] = (ClusterDownError, SlotNotCoveredError, ClusterError)
 # Errors after which a loop backs off and reconnects (BusyLoadingError, Redis replaying its AOF after
 # a restart, is a ConnectionError subclass).
-TRANSIENT: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError, *_CLUSTER_DOWN)
+TRANSIENT: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError, *_CLUSTER_DOWN,
+                                          StoreUnavailable)
 # What a handler may raise to mean "Redis is down" rather than "this entry failed" (a handler's own
 # OSError or builtin TimeoutError is an entry failure: it must count towards dead-lettering).
-REDIS_DOWN: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, *_CLUSTER_DOWN)
+REDIS_DOWN: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, *_CLUSTER_DOWN, StoreUnavailable)
 
 
 def connect(url: str, *, settings: Settings | None = None, client_name: str | None = None) -> Client:

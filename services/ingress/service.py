@@ -38,7 +38,7 @@ from typing import Any
 
 from common import logs
 from common.contract import keys, wire
-from common.contract.errors import DeadlineExceeded, GraftError, InternalError, Overloaded
+from common.contract.errors import DeadlineExceeded, GraftError, InternalError, Overloaded, StoreUnavailable
 from common.contract.routing import PlanView, Serving, choose, serving_from, unserved
 from common.logs import Event
 from common.metrics import PLAN_EPOCH, QUEUE_LAG, REQUESTS, STAGE_MS
@@ -47,10 +47,11 @@ from common.settings import Settings
 from common.store.backlog import id_ms, poll_backlogs
 from common.store.connection import TRANSIENT, Backoff
 from common.store.plan_store import PlanWatcher
+from common.store.protocol import Letter, Store
 from common.store.reaper import Reaper
+from common.store.redis_store import RedisStore
 from common.store.registry import Registry
-from common.store.replies import ReplySender
-from common.store.streams import Entry, StreamConsumer, dead_letter, ensure_group, safe_trim
+from common.store.streams import Entry, StreamConsumer, ensure_group, safe_trim
 from services.ingress.batch import Batch, Outcome
 from services.ingress.serving import speed
 from services.ingress.shedding import Backlogs, Verdict, decide
@@ -89,9 +90,11 @@ class IngressService:
         plan_interval_s: float = 0.1, shed_interval_s: float = 0.025, serving_interval_s: float = 0.2,
         stats_interval_s: float = 1.0, trim_interval_s: float = 5.0, shedding: bool = True,
         switch_timeout_s: float | None = None, blob_margin_ms: float = BLOB_MARGIN_MS,
-        status: Status | None = None,
+        status: Status | None = None, store: Store | None = None,
     ) -> None:
+        """``store``: where batches are written (default: ``RedisStore(r)``; a ``MemoryStore`` in unit tests)."""
         self.r, self.settings, self.name = r, settings, name
+        self.store: Store = store if store is not None else RedisStore(r)
         self.shards = keys.ingress_streams(settings.ingress_shards)  # every process reads every shard
         self.count, self.block_ms = count, block_ms or min(settings.block_ms, 50)
         self.plan_interval_s, self.shed_interval_s = plan_interval_s, shed_interval_s
@@ -102,7 +105,6 @@ class IngressService:
         self.switch_timeout_s = settings.switch_timeout_s if switch_timeout_s is None else switch_timeout_s
         self.catalog = ModelCatalog(settings.resolution)
         self.validator = Validator(self.catalog, Limits(settings.max_tensor_bytes, settings.max_slo_ms))
-        self.replies = ReplySender(r)
         self.watcher = PlanWatcher(r, interval=plan_interval_s)
         self.replicas = Registry(r, keys.REPLICA_KIND, REPLICA_TTL_S)
         self.view: PlanView | None = None
@@ -219,7 +221,7 @@ class IngressService:
             if o.request is not None and o.error is None:
                 self._route(view, o, now)
         t1 = time.perf_counter()
-        await batch.write(self.r, self.replies, epoch=view.epoch)
+        await batch.write(self.store, epoch=view.epoch)
         _ROUTE_MS.observe((time.perf_counter() - t1) * 1000.0)
         await self._settle(view, batch)
 
@@ -241,16 +243,12 @@ class IngressService:
         blobs = [o for o in batch.outcomes if o.request is not None and o.error is None and o.request.blob]
         if not blobs:
             return
-        async with self.r.pipeline(transaction=False) as pipe:
-            for o in blobs:
-                assert o.request is not None and o.request.blob is not None and o.request.budget_ms is not None
-                pipe.strlen(o.request.blob)
-                pipe.pexpire(o.request.blob, max(1, int(o.request.budget_ms + self.blob_margin_ms)))
-            answers = await pipe.execute(raise_on_error=False)
-        for k, o in enumerate(blobs):
-            strlen = answers[2 * k]
-            if isinstance(strlen, TRANSIENT):
-                raise strlen
+        asks = []
+        for o in blobs:
+            assert o.request is not None and o.request.blob is not None and o.request.budget_ms is not None
+            asks.append((o.request.blob, int(o.request.budget_ms + self.blob_margin_ms)))
+        lengths = await self.store.blob_lengths(asks)
+        for o, strlen in zip(blobs, lengths, strict=True):
             assert o.request is not None
             err = blob_error(o.request, strlen)
             if err is not None:
@@ -303,10 +301,10 @@ class IngressService:
 
     async def _settle(self, view: PlanView, batch: Batch) -> None:
         failed = batch.failed
-        if any(isinstance(o.failure, TRANSIENT) for o in failed):
-            raise next(o.failure for o in failed if isinstance(o.failure, TRANSIENT))
-        down = next((o.unwritten for o in batch.unwritten if isinstance(o.unwritten, TRANSIENT)), None)
-        if down is not None:  # cluster: replies not written, their entries left pending: re-read them
+        down = next((o.failure for o in failed if isinstance(o.failure, StoreUnavailable)), None)
+        if down is None:  # replies not written: their entries were left pending, to be read again
+            down = next((o.unwritten for o in batch.unwritten if isinstance(o.unwritten, StoreUnavailable)), None)
+        if down is not None:
             raise down
         if failed:
             # Acked already, so answer now rather than lose them: the write itself failed (e.g. OOM).
@@ -318,10 +316,8 @@ class IngressService:
                                          epoch=view.epoch)
                 rep.source = o.entry.id
                 replies.append((o.request.client, rep))
-            await self.replies.send_many(replies)
-            blobs = [o.request.blob for o in failed if o.request is not None and o.request.blob is not None]
-            if blobs:
-                await self.r.delete(*blobs)
+            await self.store.reply(replies)
+            await self.store.delete([o.request.blob for o in failed if o.request is not None and o.request.blob is not None])
         routed = len(batch.routed)
         self.routed_total += routed
         _OK.inc(routed)
@@ -340,12 +336,15 @@ class IngressService:
                      count=len(outs), req_ids=[o.ids[0] for o in outs[:5] if o.ids is not None],
                      clients=sorted({o.ids[1] for o in outs if o.ids is not None})[:5],
                      group=first.reply.error.details.get("group"), error=first.reply.error.message)
-        for o in batch.malformed:
+        malformed = batch.malformed
+        if malformed:  # moved to the dead letters and acked together, all of a batch at once
+            await self.store.dead_letter([Letter(batch.stream, keys.INGRESS_GROUP, o.entry.id, o.entry.payload,
+                                                 o.error, deliveries=o.entry.deliveries, consumer=self.name)
+                                          for o in malformed if o.error is not None])
+        for o in malformed:
             assert o.error is not None
             log.warning(Event.MALFORMED, ingress=self.name, entry_id=o.entry.id, code=str(o.error.code),
                         error=o.error.message)
-            await dead_letter(self.r, batch.stream, keys.INGRESS_GROUP, o.entry.id, o.entry.payload, o.error,
-                              deliveries=o.entry.deliveries, consumer=self.name)
             _MALFORMED.inc()
             self.stats.record_rejected("MALFORMED")
             self.dead_lettered_total += 1
@@ -360,9 +359,9 @@ class IngressService:
             epoch = self.view.epoch if self.view is not None else None
             rep = wire.Reply.failure(ids[0], error, epoch=epoch)
             rep.source = entry.id
-            await self.replies.send(ids[1], rep)
+            await self.store.reply([(ids[1], rep)])
             if wire.peek_blob(entry.payload):
-                await self.r.delete(keys.blob(ids[0]))
+                await self.store.delete([keys.blob(ids[0])])
 
     # ------------------------------------------------------------------------------- side loops
 

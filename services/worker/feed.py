@@ -35,8 +35,9 @@ from common.contract.errors import GraftError, InternalError
 from common.logs import Event
 from common.metrics import DEAD_LETTERS, RECLAIMED
 from common.store.connection import TRANSIENT, Backoff
+from common.store.protocol import Letter
 from common.store.reaper import Reaper
-from common.store.streams import DEAD_LETTER_MAXLEN, Entry, StreamConsumer, safe_trim
+from common.store.streams import Entry, StreamConsumer, safe_trim
 from services.worker.intake import Intake, Job, Rejection
 from services.worker.loop import BatchLoop, Done
 from services.worker.replying import Replier
@@ -195,14 +196,7 @@ class Feed:
 
     async def _fetch_blobs(self, jobs: list[Job]) -> list[Any]:
         """The bytes of each job's blob (None where it is gone), in one pipelined round trip."""
-        async with self._r.pipeline(transaction=False) as pipe:
-            for job in jobs:
-                pipe.get(job.blob)
-            got: list[Any] = await pipe.execute(raise_on_error=False)
-        for res in got:
-            if isinstance(res, TRANSIENT):
-                raise res
-        return got
+        return list(await self.replier.store.blobs([job.blob for job in jobs if job.blob is not None]))
 
     async def _reject_all(self, rejected: list[Rejection], done: list[Done]) -> None:
         """Answer every rejection that has ids (its reply joins ``done``) and dead-letter the others, all of
@@ -224,17 +218,9 @@ class Feed:
                 dead.append(rej)
         if not dead:
             return
-        now_ms = int(time.time() * 1000)
-        async with self._r.pipeline(transaction=True) as pipe:  # each entry moved and acked, all or none
-            for rej in dead:
-                fields = {keys.FIELD: rej.payload if rej.payload is not None else b"", b"code": str(rej.error.code),
-                          b"message": rej.error.message, b"stream": rej.stream, b"group": keys.WORKER_GROUP,
-                          b"id": rej.entry_id, b"deliveries": 0, b"consumer": self.consumer or "", b"time_ms": now_ms}
-                pipe.xadd(keys.dead_letters(rej.stream), fields, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
-                pipe.xack(rej.stream, keys.WORKER_GROUP, rej.entry_id)
-            await pipe.execute()
-        log.warning(Event.DEAD_LETTERED, stream=dead[0].stream, group=keys.WORKER_GROUP, count=len(dead),
-                    entry_id=dead[0].entry_id, code=str(dead[0].error.code))
+        await self.replier.store.dead_letter([  # each entry moved and acked, all or none
+            Letter(rej.stream, keys.WORKER_GROUP, rej.entry_id, rej.payload, rej.error, consumer=self.consumer or "")
+            for rej in dead])
         for rej in dead:
             self._count_dead(rej.stream)
 
@@ -254,9 +240,9 @@ class Feed:
             exc = error if isinstance(error, GraftError) else InternalError(str(error))
             reply = wire.Reply.failure(req_id, exc)
             reply.source = entry.id
-            await self.replier.sender.send(client, reply)
+            await self.replier.store.reply([(client, reply)])
             if entry.payload is not None and wire.peek_blob(entry.payload):
-                await self._r.delete(keys.blob(req_id))
+                await self.replier.store.delete([keys.blob(req_id)])
 
     def _count_dead(self, stream: str) -> None:
         self.dead_lettered += 1

@@ -43,7 +43,10 @@ class Job:
     pending: Pending
     received: float
     deliveries: int = 1
-    admitted: float = 0.0  # when this replica read it (time.time()); splits queueing from batching hold
+    # When it entered the group's stream: the Redis clock of its entry id, as ``received`` is (or when this
+    # replica read it, for an id that carries no time). Splits the path before (ingress, hop) from the
+    # wait for its batch — in the stream until a replica of the group is free, then in the EDF queue.
+    admitted: float = 0.0
     stream: str = ""  # the group stream it came from (acked there; its epoch and group label the reply)
     epoch: int | None = None
     group: str | None = None
@@ -120,7 +123,8 @@ class Intake:
         deadline = received + budget_ms / 1000.0 if budget_ms is not None else req.deadline
         assert deadline is not None
         where = keys.parse_group_stream(stream) if stream else None
-        return Job(entry_id, req, Pending(entry_id, req.cut, deadline, received), received, deliveries, now,
+        return Job(entry_id, req, Pending(entry_id, req.cut, deadline, received), received, deliveries,
+                   _entered(entry_id, received, now),
                    stream, None if where is None else where[0], None if where is None else where[1])
 
     @staticmethod
@@ -161,3 +165,11 @@ class Intake:
 
     def _check_meta(self, req: wire.Request, dtype: str, shape: tuple[int, ...]) -> None:
         admission.check_tensor(req.model, req.cut, dtype, tuple(shape), self.info.cut_shape(req.cut))
+
+
+def _entered(entry_id: str, received: float, now: float) -> float:
+    """When entry ``entry_id`` was added (its id's Redis time), kept within [received, now]."""
+    ms, sep, seq = entry_id.partition("-")
+    if not (sep and ms.isdigit() and seq.isdigit()):
+        return now
+    return min(max(int(ms) / 1000.0, received), now)

@@ -43,6 +43,7 @@ from common.model.executor import WARM_BATCH, FragmentRunner, warm_up
 from common.model.timing import prepare_device
 from common.settings import Settings
 from common.store.connection import TRANSIENT, connect
+from common.store.redis_store import RedisStore
 from common.store.registry import Registry
 from services.lifecycle import die_with_parent, run_loop
 from services.worker.control import STOP, Assignment, messages, stdin_reader
@@ -215,7 +216,7 @@ class Replica:
         latency = latency_model(self._profile, runner.n_blocks, self.share)
         intake = Intake(runner.info, max_tensor_bytes=self.settings.max_tensor_bytes,
                         max_budget_s=self.settings.max_slo_ms / 1000.0)
-        replier = Replier(r)
+        replier = Replier(RedisStore(r))
         self.loop = BatchLoop(runner, latency, replier, max_batch=1, eager=self.settings.batching == "eager")
         self.feed = Feed(r, self.loop, intake, replier, block_ms=self.settings.block_ms,
                          max_deliveries=self.settings.max_deliveries, max_slo_ms=self.settings.max_slo_ms,

@@ -11,6 +11,7 @@ import numpy as np
 
 from common.contract import keys, wire
 from common.model.zoo import describe
+from common.store.redis_store import RedisStore
 from common.store.streams import Entry, ensure_group
 from services.worker.feed import Feed
 from services.worker.intake import Intake
@@ -29,7 +30,7 @@ class NoRunner:
 async def test_unreadable_entries_of_one_read_are_dead_lettered_together_and_readable_ones_answered(
         redis: Any) -> None:
     info = describe("resnet18", 32)
-    replier = Replier(redis)
+    replier = Replier(RedisStore(redis))
     loop = BatchLoop(NoRunner(), LatencyModel(info.n_blocks, prior_ms=5.0), replier, max_batch=4)
     feed = Feed(redis, loop, Intake(info), replier, block_ms=50, max_deliveries=3, max_slo_ms=60_000,
                 stream_maxlen=10_000, min_idle_ms=lambda: 500)
