@@ -26,7 +26,7 @@ from common.store.cluster import is_cluster
 from common.store.connection import TRANSIENT, Client
 from common.store.protocol import Letter, Write
 from common.store.replies import ReplySender, group_by_client
-from common.store.streams import DEAD_LETTER_MAXLEN
+from common.store.streams import DEAD_LETTER_MAXLEN, dead_letter_fields
 
 log = get_logger(__name__)
 
@@ -156,10 +156,8 @@ class RedisStore:
             for stream, group in by_stream.items():
                 async with self.r.pipeline(transaction=True) as pipe:
                     for d in group:
-                        fields = {keys.FIELD: d.payload if d.payload is not None else b"", b"code": str(d.error.code),
-                                  b"message": d.error.message, b"stream": d.stream, b"group": d.group,
-                                  b"id": d.entry_id, b"deliveries": d.deliveries, b"consumer": d.consumer,
-                                  b"time_ms": now_ms}
+                        fields = dead_letter_fields(d.stream, d.group, d.entry_id, d.payload, d.error,
+                                                    deliveries=d.deliveries, consumer=d.consumer, time_ms=now_ms)
                         pipe.xadd(keys.dead_letters(stream), fields,  # type: ignore[arg-type]
                                   maxlen=DEAD_LETTER_MAXLEN, approximate=True)
                         pipe.xack(stream, d.group, d.entry_id)

@@ -172,17 +172,22 @@ class DeadLetter:
     time_ms: int
 
 
+def dead_letter_fields(stream: str, group: str, entry_id: str, payload: bytes | None, error: GraftError, *,
+                       deliveries: int, consumer: str, time_ms: int) -> dict[bytes, bytes | str | int]:
+    """The fields of a dead letter: the entry's payload, why, and where it came from."""
+    return {keys.FIELD: payload if payload is not None else b"", b"code": str(error.code), b"message": error.message,
+            b"stream": stream, b"group": group, b"id": entry_id, b"deliveries": deliveries, b"consumer": consumer,
+            b"time_ms": time_ms}
+
+
 async def dead_letter(
     r: Client, stream: str, group: str, entry_id: str, payload: bytes | None, error: GraftError | str, *,
     deliveries: int = 0, consumer: str = "", maxlen: int = DEAD_LETTER_MAXLEN,
 ) -> str:
     """Move one entry to ``keys.dead_letters(stream)`` with its error and XACK it, atomically."""
     err = error if isinstance(error, GraftError) else InternalError(error)
-    fields: dict[bytes, bytes | str | int] = {
-        keys.FIELD: payload if payload is not None else b"",
-        b"code": str(err.code), b"message": err.message, b"stream": stream, b"group": group,
-        b"id": entry_id, b"deliveries": deliveries, b"consumer": consumer, b"time_ms": int(time.time() * 1000),
-    }
+    fields = dead_letter_fields(stream, group, entry_id, payload, err, deliveries=deliveries, consumer=consumer,
+                                time_ms=int(time.time() * 1000))
     async with r.pipeline(transaction=True) as pipe:
         pipe.xadd(keys.dead_letters(stream), fields, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
         pipe.xack(stream, group, entry_id)

@@ -196,7 +196,11 @@ class Feed:
 
     async def _fetch_blobs(self, jobs: list[Job]) -> list[Any]:
         """The bytes of each job's blob (None where it is gone), in one pipelined round trip."""
-        return list(await self.replier.store.blobs([job.blob for job in jobs if job.blob is not None]))
+        keys_ = []
+        for job in jobs:
+            assert job.blob is not None  # needs_blob
+            keys_.append(job.blob)
+        return list(await self.replier.store.blobs(keys_))
 
     async def _reject_all(self, rejected: list[Rejection], done: list[Done]) -> None:
         """Answer every rejection that has ids (its reply joins ``done``) and dead-letter the others, all of
