@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from common import logs
 from common.metrics import HealthServer
 from common.settings import Settings, SettingsError
-from common.store.connection import TRANSIENT, connect
+from common.store.connection import TRANSIENT, Client, connect
 from common.store.registry import Registry
 
 T = TypeVar("T")
@@ -43,7 +43,7 @@ def instance_name(explicit: str | None = None) -> str:
 class Heartbeat:
     """Publishes the service's ``status`` in the registry every ``interval_s``; ``ready`` feeds /readyz."""
 
-    def __init__(self, r: Any, kind: str, name: str, *, ttl_s: float = HEARTBEAT_TTL_S,
+    def __init__(self, r: Client, kind: str, name: str, *, ttl_s: float = HEARTBEAT_TTL_S,
                  interval_s: float = HEARTBEAT_S) -> None:
         self.registry = Registry(r, kind, ttl_s)
         self.kind, self.name, self.interval_s = kind, name, interval_s

@@ -12,6 +12,7 @@ from typing import Any
 
 from common.contract import keys, wire
 from common.contract.routing import PlanView
+from common.store.connection import Client
 from common.store.plan_store import load_plan, plan_history
 from common.store.registry import Registry
 
@@ -23,7 +24,7 @@ TTL_S = {keys.INGRESS_KIND: 5.0, keys.PLANNER_KIND: 5.0, keys.WORKER_KIND: 5.0, 
          keys.GATEWAY_KIND: 5.0}
 
 
-async def services_status(r: Any) -> list[dict[str, Any]]:
+async def services_status(r: Client) -> list[dict[str, Any]]:
     """Every live instance in the registry: service, name, age in seconds, its status and other fields."""
     rows: list[dict[str, Any]] = []
     for kind, ttl in TTL_S.items():
@@ -38,7 +39,7 @@ async def services_status(r: Any) -> list[dict[str, Any]]:
     return rows
 
 
-async def known_devices(r: Any) -> set[str]:
+async def known_devices(r: Client) -> set[str]:
     """Device names the current plan places replicas on or a fresh worker heartbeat reports hosting."""
     view = await load_plan(r)
     known = set(view.devices()) if view is not None else set()
@@ -48,14 +49,15 @@ async def known_devices(r: Any) -> set[str]:
     return known
 
 
-async def group_backlogs(r: Any, view: PlanView) -> list[dict[str, Any]]:
+async def group_backlogs(r: Client, view: PlanView) -> list[dict[str, Any]]:
     """Per group of the plan: stream length, lag and pending of the worker consumer group."""
     out: list[dict[str, Any]] = []
     for gid, stream in view.streams().items():
         row: dict[str, Any] = {"group": gid, "stream": stream, "length": await r.xlen(stream),
                                "lag": None, "pending": None, "consumers": 0}
         try:
-            for g in await r.xinfo_groups(stream):
+            groups: list[dict[Any, Any]] = list(await r.xinfo_groups(stream) or [])
+            for g in groups:
                 name = g.get("name") or g.get(b"name")
                 if name in (keys.WORKER_GROUP, keys.WORKER_GROUP.encode()):
                     row.update(lag=g.get("lag"), pending=g.get("pending"), consumers=g.get("consumers"))
@@ -65,21 +67,20 @@ async def group_backlogs(r: Any, view: PlanView) -> list[dict[str, Any]]:
     return out
 
 
-async def dead_letters(r: Any, count: int = 20) -> list[dict[str, Any]]:
+async def dead_letters(r: Client, count: int = 20) -> list[dict[str, Any]]:
     """The newest dead letters of every stream (on a cluster: of every primary)."""
     rows: list[dict[str, Any]] = []
     async for key in r.scan_iter(match=keys.dead_letters("*"), count=500):
-        for entry_id, fields in await r.xrevrange(key, count=count):
+        for entry_id, fields in list(await r.xrevrange(key, count=count) or []):
             decoded = {(k.decode() if isinstance(k, bytes) else k): (v.decode(errors="replace") if isinstance(v, bytes)
-                       and k not in (keys.FIELD,) else v) for k, v in fields.items()}
+                       and k not in (keys.FIELD,) else v) for k, v in (fields or {}).items()}
             decoded.pop("m", None)
-            decoded.pop(keys.FIELD, None)
             rows.append({"stream": key.decode() if isinstance(key, bytes) else key,
                          "id": entry_id.decode() if isinstance(entry_id, bytes) else entry_id, **decoded})
     return rows
 
 
-async def purge_dead_letters(r: Any) -> int:
+async def purge_dead_letters(r: Client) -> int:
     n = 0
     async for key in r.scan_iter(match=keys.dead_letters("*"), count=500):
         n += await r.xlen(key)
@@ -87,18 +88,18 @@ async def purge_dead_letters(r: Any) -> int:
     return n
 
 
-async def send_control(r: Any, cmd: str, **args: Any) -> str:
+async def send_control(r: Client, cmd: str, **args: Any) -> str:
     """Queue a command for the planner (``replan``, ``scale``, ``drain``, ``undrain``)."""
     entry_id = await r.xadd(keys.CONTROL, {keys.FIELD: wire.encode_message("control", {"cmd": cmd, **args})},
                             maxlen=CONTROL_MAXLEN, approximate=True)
     return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 
-async def current_plan(r: Any) -> PlanView | None:
+async def current_plan(r: Client) -> PlanView | None:
     return await load_plan(r)
 
 
-async def recent_plans(r: Any, count: int = 2) -> list[dict[str, Any]]:
+async def recent_plans(r: Client, count: int = 2) -> list[dict[str, Any]]:
     return await plan_history(r, count)
 
 

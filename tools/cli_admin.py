@@ -19,7 +19,7 @@ from rich.table import Table
 
 from common.planning.types import PlanningError, workload_from_dict
 from common.settings import Settings, SettingsError
-from common.store.connection import connect
+from common.store.connection import Client, connect
 from tools import admin
 from tools.console import make_console
 
@@ -99,7 +99,7 @@ def plan_table(plan: dict[str, Any]) -> Table:
 
 def status(redis_url: RedisUrl = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Services (heartbeats), the current plan and the backlog of every group stream."""
-    async def go(r: Any) -> dict[str, Any]:
+    async def go(r: Client) -> dict[str, Any]:
         view = await admin.current_plan(r)
         return {"services": await admin.services_status(r),
                 "plan": view.raw if view else None,
@@ -149,7 +149,7 @@ def plan_diff(redis_url: RedisUrl = None) -> None:
 def scale(group: Annotated[str, typer.Argument(help="group id of the current plan")],
           replicas: Annotated[int, typer.Argument(min=1)], redis_url: RedisUrl = None) -> None:
     """Pin a group's replica count (the planner publishes a new epoch)."""
-    async def go(r: Any) -> tuple[str | None, Any]:
+    async def go(r: Client) -> tuple[str | None, Any]:
         view = await admin.current_plan(r)
         if view is None or group not in view.groups:  # the planner would drop the command as malformed
             return None, view
@@ -170,7 +170,7 @@ def drain(device: Annotated[str, typer.Argument(help="a placement device, e.g. g
                                                      "with GRAFT_NODE")],
           redis_url: RedisUrl = None) -> None:
     """Move every replica off a device (its streams drain before its replicas exit)."""
-    async def go(r: Any) -> tuple[str, set[str]]:
+    async def go(r: Client) -> tuple[str, set[str]]:
         known = await admin.known_devices(r)
         return await admin.send_control(r, "drain", device=device), known
 

@@ -57,7 +57,7 @@ from common.contract.errors import GraftError, error_for_code
 from common.logs import Event, get_logger
 from common.settings import Settings
 from common.store.cluster import connection_kwargs, is_cluster
-from common.store.connection import TRANSIENT, Backoff, block_below_timeout, connect
+from common.store.connection import TRANSIENT, Backoff, Client, block_below_timeout, connect
 
 if TYPE_CHECKING:
     import torch
@@ -93,7 +93,7 @@ def raise_for_reply(reply: wire.Reply) -> npt.NDArray[Any]:
 
 
 class GraftClient:
-    def __init__(self, redis_url: str | None = None, *, redis: Any = None, client_id: str | None = None,
+    def __init__(self, redis_url: str | None = None, *, redis: Client | None = None, client_id: str | None = None,
                  default_timeout_s: float = 10.0, settings: Settings | None = None,
                  blob_threshold_bytes: int = BLOB_THRESHOLD_BYTES,
                  blob_ttl_margin_ms: float = BLOB_TTL_MARGIN_MS) -> None:
@@ -103,7 +103,7 @@ class GraftClient:
         self._url = redis_url or self.settings.redis_url
         if redis is None and not self._url:
             raise ValueError("GraftClient needs a redis_url, a redis client, or REDIS_URL in the environment")
-        self._redis: Any = redis
+        self._redis: Client | None = redis
         self._owns_redis = redis is None
         self.client_id = client_id or f"client-{uuid.uuid4().hex}"
         if not client_id_ok(self.client_id):
@@ -139,7 +139,7 @@ class GraftClient:
                 raise ValueError("GraftClient needs a redis client with decode_responses=False (tensors are bytes)")
             block_below_timeout(self._redis, self.settings.block_ms)
         # Replies to this id from an earlier session are history: follow the stream from its current end.
-        last = await self._redis.xrevrange(self.reply_stream, count=1)
+        last = await self._conn.xrevrange(self.reply_stream, count=1)
         if last:
             raw_id = last[0][0]
             self._last_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
@@ -162,6 +162,13 @@ class GraftClient:
         if self._owns_redis and self._redis is not None:
             await self._redis.aclose()
             self._redis = None
+
+    @property
+    def _conn(self) -> Client:
+        """The Redis connection; ClientClosed before ``start`` or after ``close``."""
+        if self._redis is None:
+            raise ClientClosed("GraftClient is not started (use `async with` or await start())")
+        return self._redis
 
     async def __aenter__(self) -> GraftClient:
         return await self.start()
@@ -228,14 +235,14 @@ class GraftClient:
         while self._outbox:
             batch, self._outbox = self._outbox, []
             try:
-                blobs_first = is_cluster(self._redis) and any(out.blob is not None for out, _ in batch)
+                blobs_first = is_cluster(self._conn) and any(out.blob is not None for out, _ in batch)
                 if blobs_first:  # a cluster pipeline does not order commands across nodes
-                    async with self._redis.pipeline(transaction=False) as pipe:
+                    async with self._conn.pipeline(transaction=False) as pipe:
                         for out, _ in batch:
                             if out.blob is not None:
                                 pipe.set(out.blob, out.data, px=out.ttl_ms)
                         await pipe.execute()
-                async with self._redis.pipeline(transaction=False) as pipe:
+                async with self._conn.pipeline(transaction=False) as pipe:
                     for out, _ in batch:
                         if out.blob is not None and not blobs_first:  # first the blob, then the request naming it
                             pipe.set(out.blob, out.data, px=out.ttl_ms)
@@ -305,7 +312,7 @@ class GraftClient:
         task = asyncio.current_task()
         while not self._closed:
             try:
-                resp = await self._redis.xread({self.reply_stream: self._last_id}, count=READ_COUNT, block=block_ms)
+                resp: Any = await self._conn.xread({self.reply_stream: self._last_id}, count=READ_COUNT, block=block_ms)
                 backoff.reset()
                 # redis-py 8.1 swallows a cancel that lands in a blocking read (XREAD just returns
                 # empty), so honour a pending cancel here or close() would wait forever.

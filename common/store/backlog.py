@@ -21,6 +21,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from common.contract import keys
+from common.store.connection import Client
 
 
 def _sid(raw: Any) -> str:
@@ -63,7 +64,7 @@ def backlog_of(groups: Any, length: Any, group: str = keys.WORKER_GROUP) -> int:
     return int(length) if isinstance(length, int) else 0
 
 
-async def poll_backlogs(r: Any, streams: Mapping[str, str]) -> dict[str, int]:
+async def poll_backlogs(r: Client, streams: Mapping[str, str]) -> dict[str, int]:
     """``{gid: backlog}`` for ``{gid: stream}`` in one round trip."""
     if not streams:
         return {}
@@ -76,7 +77,7 @@ async def poll_backlogs(r: Any, streams: Mapping[str, str]) -> dict[str, int]:
     return {gid: backlog_of(res[2 * i], res[2 * i + 1]) for i, gid in enumerate(gids)}
 
 
-async def read_backlog(r: Any, stream: str, group: str = keys.WORKER_GROUP) -> Backlog | None:
+async def read_backlog(r: Client, stream: str, group: str = keys.WORKER_GROUP) -> Backlog | None:
     """The group's backlog on ``stream``; None when the stream no longer exists."""
     try:
         info = await r.xinfo_stream(stream)
@@ -113,13 +114,13 @@ def ingresses_past(ingress_statuses: Iterable[Mapping[str, Any]], epoch: int) ->
     return True
 
 
-async def redis_now_ms(r: Any) -> int:
+async def redis_now_ms(r: Client) -> int:
     """Redis's clock, the one that stamped the entry ids."""
     secs, micros = await r.time()
     return int(secs) * 1000 + int(micros) // 1000
 
 
-async def drained_streams(r: Any, streams: Iterable[str], ingress_statuses: Iterable[Mapping[str, Any]], *,
+async def drained_streams(r: Client, streams: Iterable[str], ingress_statuses: Iterable[Mapping[str, Any]], *,
                           quiet_s: float) -> set[str]:
     """The retired group streams among ``streams`` that may be dropped: every live ingress routes by a
     newer epoch than the stream's, nothing is left in it, and nothing was added for ``quiet_s``."""

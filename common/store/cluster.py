@@ -105,12 +105,12 @@ def connect_cluster(url: str, *, settings: Settings, client_name: str | None = N
     return client
 
 
-def is_cluster(r: Any) -> bool:
+def is_cluster(r: object) -> bool:
     """True for a cluster client or one of its pipelines."""
     return isinstance(r, (RedisCluster, ClusterPipeline))
 
 
-def connection_kwargs(r: Any) -> dict[str, Any]:
+def connection_kwargs(r: object) -> dict[str, Any]:
     """The keyword arguments the client's connections are made with (single Redis or cluster)."""
     if isinstance(r, RedisCluster):
         return dict(r.connection_kwargs)

@@ -19,6 +19,7 @@ from redis.exceptions import WatchError
 from common.contract import keys, wire
 from common.contract.errors import GraftError
 from common.contract.routing import PlanView
+from common.store.connection import Client
 
 HISTORY_MAXLEN = 1000
 
@@ -31,24 +32,24 @@ class NotLeader(RuntimeError):
     """A fenced publish by a planner that does not hold the planner lease."""
 
 
-async def load_plan(r: Any) -> PlanView | None:
+async def load_plan(r: Client) -> PlanView | None:
     raw = await r.get(keys.PLAN)
     if raw is None:
         return None
     return PlanView(wire.decode_plan(raw))
 
 
-async def find_plan(r: Any, epoch: int, *, page: int = 100) -> PlanView | None:
+async def find_plan(r: Client, epoch: int, *, page: int = 100) -> PlanView | None:
     """The plan of ``epoch``: the current one, else from the published history (newest first)."""
     current = await load_plan(r)
     if current is not None and current.epoch == epoch:
         return current
     upper = "+"
     while True:
-        rows = await r.xrevrange(keys.PLANS, max=upper, min="-", count=page)
+        rows = list(await r.xrevrange(keys.PLANS, max=upper, min="-", count=page) or [])
         for entry_id, fields in rows:
             with contextlib.suppress(GraftError):
-                view = PlanView(wire.decode_plan(fields[keys.FIELD]))
+                view = PlanView(wire.decode_plan((fields or {}).get(keys.FIELD)))
                 if view.epoch == epoch:
                     return view
             upper = "(" + (entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id))
@@ -56,7 +57,7 @@ async def find_plan(r: Any, epoch: int, *, page: int = 100) -> PlanView | None:
             return None
 
 
-async def publish_plan(r: Any, plan: Mapping[str, Any], *, fence: str | None = None) -> int:
+async def publish_plan(r: Client, plan: Mapping[str, Any], *, fence: str | None = None) -> int:
     """Publish ``plan`` as the current plan; its epoch must exceed the current one. Returns the epoch.
 
     ``fence``: the publisher's planner instance name; the publish happens only while the planner lease
@@ -64,7 +65,8 @@ async def publish_plan(r: Any, plan: Mapping[str, Any], *, fence: str | None = N
     """
     epoch = int(plan["epoch"])
     payload = wire.encode_plan(dict(plan))
-    async with r.pipeline(transaction=True) as pipe:
+    async with r.pipeline(transaction=True) as tx:
+        pipe: Any = tx  # redis-py leaves WATCH/MULTI/UNWATCH untyped
         while True:
             try:
                 await pipe.watch(keys.PLAN, *([keys.PLANNER_LEASE] if fence is not None else []))
@@ -85,14 +87,15 @@ async def publish_plan(r: Any, plan: Mapping[str, Any], *, fence: str | None = N
                 continue
 
 
-async def annotate_plan(r: Any, epoch: int, fields: Mapping[str, Any]) -> bool:
+async def annotate_plan(r: Client, epoch: int, fields: Mapping[str, Any]) -> bool:
     """Update report-only fields of the current plan in place while its epoch is still ``epoch``.
 
     For what no service acts on (the planner's ``unplaced`` report): watchers follow epochs, so they
     never see this change, and the history stream keeps each plan as it was published. Returns False
     when the current plan is missing or has another epoch (then nothing is written).
     """
-    async with r.pipeline(transaction=True) as pipe:
+    async with r.pipeline(transaction=True) as tx:
+        pipe: Any = tx  # redis-py leaves WATCH/MULTI/UNWATCH untyped
         while True:
             try:
                 await pipe.watch(keys.PLAN)
@@ -113,20 +116,20 @@ async def annotate_plan(r: Any, epoch: int, fields: Mapping[str, Any]) -> bool:
                 continue
 
 
-async def plan_history(r: Any, count: int = 20) -> list[dict[str, Any]]:
+async def plan_history(r: Client, count: int = 20) -> list[dict[str, Any]]:
     """The last ``count`` published plans, newest first."""
-    entries = await r.xrevrange(keys.PLANS, count=count)
-    return [wire.decode_plan(fields[keys.FIELD]) for _id, fields in entries]
+    entries = list(await r.xrevrange(keys.PLANS, count=count) or [])
+    return [wire.decode_plan((fields or {}).get(keys.FIELD)) for _id, fields in entries]
 
 
 class PlanWatcher:
     """Polls the current plan; ``changed()`` returns a new PlanView when the epoch moved forward."""
 
-    def __init__(self, r: Any, interval: float = 0.2) -> None:
+    def __init__(self, r: Client, interval: float = 0.2) -> None:
         self._r = r
         self.interval = interval
         self.current: PlanView | None = None
-        self._raw: bytes | None = None  # the bytes last decoded: an unchanged plan is not decoded again
+        self._raw: bytes | str | None = None  # the bytes last decoded: an unchanged plan is not decoded again
 
     async def poll(self) -> PlanView | None:
         """Fetch once; returns the new view if the epoch advanced, else None. Decoding a large plan costs

@@ -22,6 +22,7 @@ from typing import Any
 
 from common.contract import keys, wire
 from common.contract.errors import InvalidRequest
+from common.store.connection import Client
 
 # KEYS[1] hash, KEYS[2] seen index; ARGV[1] name, ARGV[2] status
 _BEAT = """
@@ -70,7 +71,7 @@ def _text(raw: Any) -> str:
 class Registry:
     """The live instances of one kind. ``ttl_s``: an instance is alive when seen within it."""
 
-    def __init__(self, r: Any, kind: str, ttl_s: float, *, forget_s: float = FORGET_S) -> None:
+    def __init__(self, r: Client, kind: str, ttl_s: float, *, forget_s: float = FORGET_S) -> None:
         if kind not in keys.KINDS:
             raise ValueError(f"unknown registry kind {kind!r}; one of {keys.KINDS}")
         self._r = r

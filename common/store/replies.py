@@ -25,6 +25,7 @@ from typing import Any
 
 from common.contract import keys, wire
 from common.store.cluster import queue_script
+from common.store.connection import Client
 
 # KEYS[1] = ledger, KEYS[2] = reply stream
 # ARGV = horizon ms, stream maxlen, stream idle ttl s, then per reply: member, forget_at_ms (0: now), payload
@@ -66,7 +67,7 @@ def submission(reply: wire.Reply) -> str:
 class ReplySender:
     """Queues replies on a pipeline; ``send`` is idempotent per submission."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Client) -> None:
         self._redis = redis
         self._script = redis.register_script(_SEND)
 

@@ -20,7 +20,7 @@ from typing import Any
 from common import logs
 from common.contract.routing import PlanView
 from common.model.shapes import Described, ModelShapes, ShapeBook, plan_shapes
-from common.store.connection import TRANSIENT
+from common.store.connection import TRANSIENT, Client
 from common.store.plan_store import PlanWatcher
 from services.gateway.mapping import OUTPUT_NAME, input_name
 
@@ -102,7 +102,7 @@ class Catalog:
 class PlanFollower:
     """Keeps a ``Catalog`` on the current plan: polls ``graft:{plan}`` every ``interval_s``."""
 
-    def __init__(self, r: Any, catalog: Catalog, *, interval_s: float = 0.2,
+    def __init__(self, r: Client, catalog: Catalog, *, interval_s: float = 0.2,
                  on_change: Callable[[Catalog], None] | None = None) -> None:
         self.catalog = catalog
         self.watcher = PlanWatcher(r, interval=interval_s)

@@ -15,13 +15,12 @@ import asyncio
 import contextlib
 import gc
 import uuid
-from typing import Any
 
 from common import logs
 from common.client import GraftClient
 from common.metrics import GATEWAY_PENDING
 from common.settings import Settings
-from common.store.connection import TRANSIENT
+from common.store.connection import TRANSIENT, Client
 from services.gateway.catalog import Catalog, PlanFollower
 from services.gateway.frontdoor import FrontDoor
 from services.gateway.grpc_api import GrpcApi
@@ -34,7 +33,7 @@ SERVICE = "gateway"
 METRICS_PORT_OFFSET = 3  # GRAFT_METRICS_PORT + 3 (ingress +0, planner +1, worker agent +2)
 
 
-async def main(settings: Settings, r: Any, stop: asyncio.Event, hb: Heartbeat) -> None:
+async def main(settings: Settings, r: Client, stop: asyncio.Event, hb: Heartbeat) -> None:
     catalog = Catalog(settings.resolution)
     client = GraftClient(settings.redis_url, settings=settings, client_id=f"gateway-{hb.name}-{uuid.uuid4().hex[:8]}")
     await client.start()

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Any
 
 from common.contract import keys
 from common.settings import Settings
+from common.store.connection import Client
 from services.ingress.service import IngressService
 from services.lifecycle import Heartbeat, run_service
 
 METRICS_PORT_OFFSET = 0
 
 
-async def serve(settings: Settings, r: Any, stop: asyncio.Event, hb: Heartbeat) -> None:
+async def serve(settings: Settings, r: Client, stop: asyncio.Event, hb: Heartbeat) -> None:
     service = IngressService(r, settings, name=hb.name, status=hb.status)
     ready = asyncio.create_task(_mark_ready(service, hb))
     try:

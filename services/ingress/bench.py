@@ -26,7 +26,7 @@ import numpy as np
 from common.contract import keys, wire
 from common.model.zoo import describe
 from common.settings import Settings
-from common.store.connection import connect
+from common.store.connection import Client, connect
 from common.store.plan_store import publish_plan
 from common.store.registry import Registry
 from common.store.streams import ensure_group
@@ -48,7 +48,7 @@ def bench_plan(epoch: int = 1) -> dict[str, Any]:
             "infeasible": [], "placement": [], "total_share": 0, "gpus": 0, "routes": {}}
 
 
-async def _stand_in_replica(r: Any, plan: dict[str, Any], stop: asyncio.Event) -> None:
+async def _stand_in_replica(r: Client, plan: dict[str, Any], stop: asyncio.Event) -> None:
     """Heartbeats of a replica reading both group streams, until ``stop`` (the ingress forgets a replica
     it has not heard from for 2 s, and writing the requests alone can take longer on a busy host)."""
     replicas = Registry(r, keys.REPLICA_KIND, 60.0)

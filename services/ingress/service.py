@@ -45,7 +45,7 @@ from common.metrics import PLAN_EPOCH, QUEUE_LAG, REQUESTS, STAGE_MS
 from common.model.shapes import plan_shapes
 from common.settings import Settings
 from common.store.backlog import id_ms, poll_backlogs
-from common.store.connection import TRANSIENT, Backoff
+from common.store.connection import TRANSIENT, Backoff, Client
 from common.store.plan_store import PlanWatcher
 from common.store.protocol import Letter, Store
 from common.store.reaper import Reaper
@@ -85,7 +85,7 @@ READ_COUNT = 64
 
 class IngressService:
     def __init__(
-        self, r: Any, settings: Settings, *, name: str = "ingress", count: int = READ_COUNT,
+        self, r: Client, settings: Settings, *, name: str = "ingress", count: int = READ_COUNT,
         block_ms: int | None = None,
         plan_interval_s: float = 0.1, shed_interval_s: float = 0.025, serving_interval_s: float = 0.2,
         stats_interval_s: float = 1.0, trim_interval_s: float = 5.0, shedding: bool = True,

@@ -15,9 +15,8 @@ plan's hash tag (``{plan}``), so both are on one slot of a Redis Cluster.
 
 from __future__ import annotations
 
-from typing import Any
-
 from common.contract import keys
+from common.store.connection import Client
 
 TTL_S = 3.0
 RETRY_S = 0.5
@@ -46,7 +45,7 @@ return 0
 
 
 class Lease:
-    def __init__(self, r: Any, name: str, *, ttl_s: float = TTL_S, retry_s: float = RETRY_S) -> None:
+    def __init__(self, r: Client, name: str, *, ttl_s: float = TTL_S, retry_s: float = RETRY_S) -> None:
         self.r, self.name = r, name
         self.ttl_s, self.retry_s = ttl_s, retry_s
         self._hold = r.register_script(_HOLD)

@@ -19,10 +19,9 @@ another node would lose the request.
 
 from __future__ import annotations
 
-from typing import Any
-
 from common.contract import keys, wire
 from common.store.cluster import is_cluster, queue_script
+from common.store.connection import Client
 from common.store.replies import ReplySender
 
 # KEYS[1] = swept stream, KEYS[2] = target stream; ARGV = group, entry id, payload, maxlen, field.
@@ -43,7 +42,7 @@ Answer = tuple[str, str, wire.Reply, str]   # entry id, client, reply, outcome
 
 
 class Rerouter:
-    def __init__(self, r: Any, sender: ReplySender, *, maxlen: int) -> None:
+    def __init__(self, r: Client, sender: ReplySender, *, maxlen: int) -> None:
         self.r, self.sender, self.maxlen = r, sender, maxlen
         self.script = r.register_script(_REROUTE)
         self.cluster = is_cluster(r)

@@ -39,6 +39,7 @@ from common.metrics import LATENCY_SCALE, PLAN_EPOCH, PLAN_UNPLACED
 from common.model.shapes import ShapeBook
 from common.profiles import Profile, ProfileError, shipped
 from common.settings import Settings
+from common.store.connection import Client
 from common.store.plan_store import StaleEpoch, annotate_plan, load_plan, publish_plan
 from common.store.registry import Registry
 from common.store.streams import StreamConsumer, ensure_group
@@ -76,7 +77,7 @@ def served_models(settings: Settings, profile: Profile) -> dict[str, int]:
 
 
 class Planner:
-    def __init__(self, settings: Settings, r: Any, profile: Profile, profile_name: str,
+    def __init__(self, settings: Settings, r: Client, profile: Profile, profile_name: str,
                  hb: Heartbeat | None = None) -> None:
         self.settings, self.r, self.profile, self.profile_name = settings, r, profile, profile_name
         self.served = served_models(settings, profile)
@@ -354,7 +355,7 @@ class Planner:
                 await asyncio.sleep(0.5)
 
 
-async def main(settings: Settings, r: Any, stop: asyncio.Event, hb: Heartbeat) -> None:
+async def main(settings: Settings, r: Client, stop: asyncio.Event, hb: Heartbeat) -> None:
     """Plan while this instance holds the planner lease; wait as a standby otherwise (leadership.py)."""
     profile, name = load_profile(settings)
     for stream in (keys.STATS, keys.CONTROL):

@@ -58,7 +58,7 @@ from common.contract.routing import PlanView, Serving, choose, serving_from
 from common.metrics import SWEPT
 from common.settings import Settings
 from common.store.backlog import id_key, read_backlog
-from common.store.connection import REDIS_DOWN, TRANSIENT, Backoff
+from common.store.connection import REDIS_DOWN, TRANSIENT, Backoff, Client
 from common.store.plan_store import find_plan, load_plan, plan_history
 from common.store.reaper import Reaper
 from common.store.registry import Registry
@@ -205,7 +205,7 @@ class OrphanSweeper:
     XREADGROUP's delivery and the re-route script's pending check keep them from doubling work).
     """
 
-    def __init__(self, r: Any, settings: Settings, *, consumer: str = "sweeper", interval_s: float = SWEEP_INTERVAL_S,
+    def __init__(self, r: Client, settings: Settings, *, consumer: str = "sweeper", interval_s: float = SWEEP_INTERVAL_S,
                  idle_grace_s: float | None = None, orphan_grace_s: float = ORPHAN_GRACE_S, page: int = PAGE,
                  clock: Any = time.monotonic) -> None:
         if page < 1 or interval_s <= 0:
@@ -402,7 +402,8 @@ class OrphanSweeper:
     async def delete_if_drained(self, stream: str) -> bool:
         """DEL the stream when its workers' group has nothing undelivered or pending (WATCHed: an entry
         added meanwhile aborts the delete). True when the stream is gone."""
-        async with self.r.pipeline(transaction=True) as pipe:
+        async with self.r.pipeline(transaction=True) as tx:
+            pipe: Any = tx  # a WATCHed pipeline runs commands at once; redis-py leaves WATCH/MULTI untyped
             try:
                 await pipe.watch(stream)
                 backlog = await read_backlog(pipe, stream, keys.WORKER_GROUP)
@@ -420,7 +421,7 @@ class OrphanSweeper:
 
 
 @contextlib.asynccontextmanager
-async def sweeping(r: Any, settings: Settings, consumer: str, stop: asyncio.Event) -> AsyncIterator[OrphanSweeper]:
+async def sweeping(r: Client, settings: Settings, consumer: str, stop: asyncio.Event) -> AsyncIterator[OrphanSweeper]:
     """Run an ``OrphanSweeper`` as a task for the duration of the block (cancelled at its end)."""
     sweeper = OrphanSweeper(r, settings, consumer=consumer)
     task = asyncio.create_task(sweeper.run(stop), name=f"{consumer}-sweeper")

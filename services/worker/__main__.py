@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import Any
 
 import structlog
 
 from common.contract import keys
 from common.settings import Settings
+from common.store.connection import Client
 from services.lifecycle import Heartbeat, run_service
 from services.worker.agent import WORKER_PORT_OFFSET, Agent
 from services.worker.device import DeviceError, discover
@@ -28,7 +28,7 @@ def _args(p: argparse.ArgumentParser) -> None:
                         "with GRAFT_NODE=a they are named a/gpu0, …")
 
 
-async def serve(settings: Settings, r: Any, stop: asyncio.Event, hb: Heartbeat) -> None:
+async def serve(settings: Settings, r: Client, stop: asyncio.Event, hb: Heartbeat) -> None:
     spec = settings.extra.get("devices") or settings.device
     if spec in ("None", ""):
         spec = settings.device

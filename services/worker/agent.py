@@ -52,7 +52,7 @@ from common.logs import Event
 from common.metrics import PLAN_EPOCH, REPLICAS, HealthServer
 from common.settings import Settings
 from common.store.backlog import drained_streams
-from common.store.connection import connect
+from common.store.connection import Client, connect
 from common.store.plan_store import PlanWatcher
 from common.store.registry import Registry
 from services.lifecycle import Heartbeat
@@ -81,7 +81,7 @@ ProcKey = tuple[str, str, int]  # device, model, share
 
 class Agent:
     def __init__(self, settings: Settings, devices: Sequence[Device], *, name: str | None = None,
-                 redis: Any | None = None, python: str = sys.executable, poll_s: float = 0.1,
+                 redis: Client | None = None, python: str = sys.executable, poll_s: float = 0.1,
                  stop_grace_s: float = 10.0, mps: bool = True, all_cpu_devices: bool = False,
                  standby: int | None = None, max_cpu_processes: int | None = None,
                  heartbeat: Heartbeat | None = None) -> None:
@@ -92,7 +92,7 @@ class Agent:
         self.devices = {d.name: d for d in (dev.on(self.node) for dev in devices)}
         self._all_cpu = all_cpu_devices
         self.name = name or default_agent_name(list(self.devices.values()))
-        self._redis: Any = redis
+        self._redis: Client | None = redis
         self._own_redis = redis is None
         self._python = python
         self._poll_s = poll_s
@@ -426,16 +426,17 @@ class Agent:
 
     async def _drain(self) -> None:
         draining = {s for slot in self.slots for s in slot.draining}
-        if not draining and not any(s.idle for s in self.slots):
+        if (not draining and not any(s.idle for s in self.slots)) or self._redis is None:
             return
-        done = (await drained_streams(self._redis, draining, (await self._ingresses.live()).values(),
+        r = self._redis
+        done = (await drained_streams(r, draining, (await self._ingresses.live()).values(),
                                       quiet_s=DRAIN_QUIET_S) if draining else set())
         for slot in list(self.slots):
             for stream in done & set(slot.draining):
                 slot.drained(stream)
                 log.info(Event.GROUP_DRAINED, slot=slot.consumer, stream=stream)
                 with contextlib.suppress(RedisError):
-                    await self._redis.expire(stream, int(self.settings.max_slo_ms / 1000.0) + 60)
+                    await r.expire(stream, int(self.settings.max_slo_ms / 1000.0) + 60)
             if slot.idle:
                 await self._release(slot)
             elif done & set(slot.streams) or slot.active is None:

@@ -34,7 +34,7 @@ from common.contract import keys, wire
 from common.contract.errors import GraftError, InternalError
 from common.logs import Event
 from common.metrics import DEAD_LETTERS, RECLAIMED
-from common.store.connection import TRANSIENT, Backoff
+from common.store.connection import TRANSIENT, Backoff, Client
 from common.store.protocol import Letter
 from common.store.reaper import Reaper
 from common.store.streams import Entry, StreamConsumer, safe_trim
@@ -57,7 +57,7 @@ class _Reader:
 
 
 class Feed:
-    def __init__(self, r: Any, loop: BatchLoop, intake: Intake, replier: Replier, *, block_ms: int,
+    def __init__(self, r: Client, loop: BatchLoop, intake: Intake, replier: Replier, *, block_ms: int,
                  max_deliveries: int, max_slo_ms: float, stream_maxlen: int,
                  min_idle_ms: Callable[[], int], reap_interval_s: float = 0.2,
                  on_reader_done: Callable[[asyncio.Task[None]], None] | None = None) -> None:
@@ -276,7 +276,7 @@ class Feed:
             held.setdefault(job.stream, []).append(job.entry_id)
         for stream, ids in held.items():  # the streams it drains too: their jobs wait in the same queue
             if stream:
-                await self._r.xclaim(stream, keys.WORKER_GROUP, self.consumer, 0, ids, justid=True)
+                await self._r.xclaim(stream, keys.WORKER_GROUP, self.consumer, 0, list[Any](ids), justid=True)
         for stream, reader in list(self._readers.items()):
             reader.reaper.min_idle_ms = self._min_idle_ms()
             await reader.reaper.reap_once()

@@ -42,7 +42,7 @@ from common.metrics import PLAN_EPOCH, HealthServer
 from common.model.executor import WARM_BATCH, FragmentRunner, warm_up
 from common.model.timing import prepare_device
 from common.settings import Settings
-from common.store.connection import TRANSIENT, connect
+from common.store.connection import TRANSIENT, Client, connect
 from common.store.redis_store import RedisStore
 from common.store.registry import Registry
 from services.lifecycle import die_with_parent, run_loop
@@ -65,13 +65,13 @@ class ReplicaConfigError(RuntimeError):
 
 class Replica:
     def __init__(self, settings: Settings, *, name: str, device: str, model: str, share: int,
-                 redis: Any | None = None, metrics_port: int = 0, heartbeat_s: float = HEARTBEAT_S) -> None:
+                 redis: Client | None = None, metrics_port: int = 0, heartbeat_s: float = HEARTBEAT_S) -> None:
         self.settings = settings
         self.name = name
         self.device = Device.parse(device)
         self.model = model
         self.share = max(1, share)
-        self._redis: Any = redis
+        self._redis: Client | None = redis
         self._own_redis = redis is None
         self._metrics_port = metrics_port
         self._heartbeat_s = heartbeat_s
@@ -148,7 +148,7 @@ class Replica:
         log.info(Event.SERVICE_STOPPED, replica=self.name, exit_code=self.exit_code)
         return self.exit_code
 
-    async def _load_unless_stopped(self, r: Any) -> bool:
+    async def _load_unless_stopped(self, r: Client) -> bool:
         """Load the model; False when asked to stop first. Loading runs in a thread nobody can interrupt:
         it is left behind (``load_abandoned``), and the process exits without waiting for it."""
         load = asyncio.ensure_future(self._load(r))
@@ -190,7 +190,7 @@ class Replica:
                                  f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
                                  f"a GPU replica never falls back to the CPU")
 
-    async def _load(self, r: Any) -> None:
+    async def _load(self, r: Client) -> None:
         device = self._torch_device()
         prepare_device(device)  # cuDNN autotuning on CUDA, as the profiler measured (common.model.timing)
         weights = Path(self.settings.weights_dir) / f"{self.model}.pt" if self.settings.weights_dir else None

@@ -33,6 +33,7 @@ import msgpack
 from common.contract import keys
 from common.store.backlog import id_ms
 from common.store.cluster import is_cluster
+from common.store.connection import Client
 
 GRACE_MS = 1000.0
 PAGE = 1000
@@ -42,7 +43,7 @@ def _sid(raw: Any) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
-async def clock_offset_ms(r: Any) -> float:
+async def clock_offset_ms(r: Client) -> float:
     """Redis ``TIME`` minus this host's ``time.time()``, in ms (midpoint of the round trip)."""
     best: tuple[float, float] | None = None
     for _ in range(5):
@@ -185,14 +186,14 @@ class Accountant:
         got = self._by_req.get(req_id)
         return got[0] if got else None
 
-    async def collect(self, r: Any) -> int:
+    async def collect(self, r: Client) -> int:
         """XRANGE every watched client's whole reply stream; returns the entries read."""
         n = 0
         for client in sorted(self.clients):
             stream = keys.reply_stream(client)
             start = "-"
             while True:
-                rows = await r.xrange(stream, min=start, max="+", count=PAGE)
+                rows = list(await r.xrange(stream, min=start, max="+", count=PAGE) or [])
                 for eid, fields in rows:
                     self.add_raw(client, eid, fields)
                 n += len(rows)
@@ -203,7 +204,7 @@ class Accountant:
                 start = f"{ms}-{int(seq) + 1}"
         return n
 
-    async def tail(self, r: Any, stop: asyncio.Event, *, block_ms: int = 100) -> None:
+    async def tail(self, r: Client, stop: asyncio.Event, *, block_ms: int = 100) -> None:
         """Read replies as they come (XREAD of every watched stream), until ``stop``; survives Redis
         going away (it retries) — for scenarios where Redis may lose writes it acknowledged."""
         while not stop.is_set():
@@ -211,13 +212,14 @@ class Accountant:
             if not streams:
                 await asyncio.sleep(0.05)
                 continue
+            resp: Any
             try:
                 if is_cluster(r):  # reply streams live on different slots: one read per stream, together
                     parts = await asyncio.gather(*(r.xread({k: v}, block=block_ms, count=PAGE)
                                                    for k, v in streams.items()))
                     resp = [row for part in parts for row in (part or [])]
                 else:
-                    resp = await r.xread(streams, block=block_ms, count=PAGE)
+                    resp = await r.xread(dict[Any, Any](streams), block=block_ms, count=PAGE)
             except Exception:  # Redis restarting: try again shortly
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.1)

@@ -27,7 +27,7 @@ from typing import Any
 from common.contract import keys
 from common.contract.routing import serving_from, unserved
 from common.settings import Settings
-from common.store.connection import connect
+from common.store.connection import Client, connect
 from common.store.plan_store import load_plan
 from common.store.registry import Registry
 from tools.faults.accountant import Accountant
@@ -85,7 +85,7 @@ class Live:
         self.census = Census()
         self.acct = Accountant()
         self.system: System | None = None
-        self.r: Any = None
+        self._r: Client | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._agents: dict[str, tuple[int, int]] = {}  # agent name → (restarts, takeovers), last seen
@@ -108,7 +108,7 @@ class Live:
             self.more = Supervisor([ChildSpec(f"ingress-{k + 2}", service_argv("ingress"), env)
                                     for k in range(self.extra_ingresses)], log_dir=self.log_dir)
             await self.more.start()
-        self.r = connect(self.system.redis_url, settings=self.settings)
+        self._r = connect(self.system.redis_url, settings=self.settings)
         self._tasks = [asyncio.create_task(self.census.watch(self._stop)),
                        asyncio.create_task(self.acct.tail(self.r, self._stop)),
                        asyncio.create_task(self._watch_agents())]
@@ -133,6 +133,13 @@ class Live:
         parts.append(f"supervisor {self.system.supervisor.status()}")
         return "; ".join(parts)
 
+    @property
+    def r(self) -> Client:
+        """The system's Redis, connected on entering the block."""
+        if self._r is None:
+            raise RuntimeError("Live is not started: use `async with Live(...)`")
+        return self._r
+
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
@@ -149,8 +156,9 @@ class Live:
         self.census.poll()
         self._stop.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await self.r.aclose()
+        if self._r is not None:
+            with contextlib.suppress(Exception):
+                await self._r.aclose()
         if self.more is not None:
             await self.more.stop()
         await self.system.stop()

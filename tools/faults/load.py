@@ -13,13 +13,13 @@ import asyncio
 import itertools
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from common.contract import keys, wire
 from common.model import zoo
+from common.store.connection import Client
 from tools.faults.accountant import Accountant, Sent, clock_offset_ms
 from tools.loadgen import Arrival, RequestClass, mix_arrivals
 
@@ -33,7 +33,7 @@ def new_req_id(prefix: str) -> str:
 class Load:
     """Sends requests for ``acct`` from ``clients`` (round robin) to ``stream`` (default graft:ingress)."""
 
-    def __init__(self, r: Any, acct: Accountant, *, clients: Sequence[str], resolution: int | None,
+    def __init__(self, r: Client, acct: Accountant, *, clients: Sequence[str], resolution: int | None,
                  stream: str = keys.INGRESS, seed: int = 0) -> None:
         self.r, self.acct, self.clients, self.stream = r, acct, list(clients), stream
         self.resolution = resolution

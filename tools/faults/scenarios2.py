@@ -55,7 +55,7 @@ async def malformed(ctx: Ctx) -> Result:
                         fields, blob = fields_for(kind, rid, client, shape)
                         if blob is not None:
                             pipe.set(keys.blob(rid), blob, px=10_000)
-                        pipe.xadd(target, fields)
+                        pipe.xadd(target, fields)  # type: ignore[arg-type]  # bytes keys are valid field names
                         sent[kind.name] += 1
                         if kind.readable:
                             live.acct.watch(client)
