@@ -18,6 +18,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from common.model import executor as executor_module
+from common.model import optimize as optimize_module
 from common.model import timing
 from common.model.timing import TIMER
 from common.model.zoo import describe
@@ -308,6 +309,12 @@ def test_agreement_probe_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(measure_module, "build_blocks", blocks)
     monkeypatch.setattr(executor_module, "build_blocks", blocks)
     monkeypatch.setattr(executor_module, "describe", lambda *a, **k: same)
+    # The fake blocks tick a fake clock in Python, which a TorchScript trace would drop: keep them eager.
+    def eager(blocks: Any, info: Any, device: Any, **kw: Any) -> Any:
+        return optimize_module.inference_blocks(blocks, info, device, **{**kw, "optimize": False})
+
+    monkeypatch.setattr(measure_module, "inference_blocks", eager)
+    monkeypatch.setattr(executor_module, "inference_blocks", eager)
     stage = executor_module.FragmentRunner._stage
 
     def slow_stage(self: Any, items: Any) -> Any:

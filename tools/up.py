@@ -52,7 +52,8 @@ def resolve_device(settings: Settings) -> str:
 
 
 def cached_profile_path(settings: Settings, device: str) -> Path:
-    key = f"{device}|{','.join(sorted(settings.models))}|{settings.resolution}|{CPU_BATCHES}|{cpu_threads()}"
+    # "jit": CPU blocks are TorchScript-optimised (common.model.optimize); profiles of eager blocks do not apply.
+    key = f"{device}|{','.join(sorted(settings.models))}|{settings.resolution}|{CPU_BATCHES}|{cpu_threads()}|jit"
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     return cache_dir() / "profiles" / f"{device}-{digest}.json"
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from common.contract.errors import BadCut, BadTensor
 from common.model import timing
+from common.model.optimize import inference_blocks
 from common.model.timing import BatchTiming, prepare_device, synchronize
 from common.model.zoo import ModelInfo, build_blocks, describe
 
@@ -67,15 +68,20 @@ class FragmentRunner:
     """
 
     def __init__(self, model: str, min_cut: int = 0, *, resolution: int | None = None, device: str = "cpu",
-                 weights: str | Path | None = None, seed: int = 0, num_classes: int = 1000) -> None:
+                 weights: str | Path | None = None, seed: int = 0, num_classes: int = 1000,
+                 optimize: bool = True) -> None:
         self.info: ModelInfo = describe(model, resolution, num_classes=num_classes)
         self.info.check_cut(min_cut)
         self._min_cut = min_cut
         self._device = torch.device(device)
         blocks = build_blocks(model, resolution=self.info.resolution, weights=weights, seed=seed,
                               num_classes=num_classes)
-        self._blocks: tuple[nn.Module, ...] = tuple(b.to(self._device) for b in blocks[min_cut:])
-        del blocks
+        held = blocks[min_cut:]
+        self._parameter_bytes = sum(p.numel() * p.element_size() for b in held for p in b.parameters())
+        # On the CPU, TorchScript-optimised where exact (common.model.optimize), as the profiler times them.
+        self._blocks: tuple[nn.Module, ...] = inference_blocks(held, self.info, self._device,
+                                                              first=min_cut, optimize=optimize)
+        del blocks, held
         self.last_timing: BatchTiming | None = None  # the latest batch's (None: none ran, or it failed)
 
     @property
@@ -110,7 +116,8 @@ class FragmentRunner:
         return self._blocks
 
     def parameter_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for b in self._blocks for p in b.parameters())
+        """Bytes of the weights held (counted before optimisation: frozen blocks keep them as constants)."""
+        return self._parameter_bytes
 
     def _check_cut(self, cut: int) -> None:
         self.info.check_cut(cut)

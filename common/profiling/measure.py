@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from common.model.optimize import inference_blocks
 from common.model.timing import TIMER, burst_for, prepare_device, wall_ms
 from common.model.zoo import build_blocks, describe
 from common.profiles import Profile, make_profile
@@ -129,7 +130,8 @@ def measure_model(name: str, *, device: str, batches: Sequence[int], resolution:
     dev = torch.device(device)
     prepare_device(dev)
     info = describe(name, resolution)
-    blocks = [b.to(dev) for b in build_blocks(name, resolution=info.resolution, seed=seed)]
+    # The modules a replica runs (common.model.optimize: TorchScript-optimised on the CPU).
+    blocks = inference_blocks(build_blocks(name, resolution=info.resolution, seed=seed), info, dev)
     gen = torch.Generator().manual_seed(seed)
     rows: list[list[float]] = []
     with torch.inference_mode():
