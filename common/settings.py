@@ -30,6 +30,7 @@
 | GRAFT_WEIGHTS_DIR | (unset) | folder with ``<model>.pt`` state dicts (loaded with weights_only=True) |
 | GRAFT_STANDBY_REPLICAS | 1 | warm, idle replica processes a worker agent keeps per (device, model, share) in use; one takes over a dead replica's slot in milliseconds |
 | GRAFT_SPARE_REPLICAS | 0 | extra serving replicas per group (N+1): a group survives a replica's death without a gap; their share counts in the plan's cost |
+| GRAFT_CPU_RESERVE | 1 | cores a CPU plan leaves to the serving path (ingress, Redis, gateway, local producers) when it gives a host's spare cores to extra replicas; 0 on a host that runs only workers. Replicas the load needs are always placed |
 | GRAFT_MAX_CPU_PROCESSES | 0 | most replica processes a CPU worker agent runs (0: max(4, 2 × cores)) |
 | GRAFT_GATEWAY_HOST | 127.0.0.1 | address the gateway's HTTP and gRPC servers bind (0.0.0.0 in a container) |
 | GRAFT_GATEWAY_HTTP_PORT | 8000 | Open Inference Protocol v2 over HTTP/REST (0: a free port) |
@@ -103,6 +104,7 @@ class Settings:
     weights_dir: str | None = None
     standby_replicas: int = 1
     spare_replicas: int = 0
+    cpu_reserve: int = 1
     max_cpu_processes: int = 0
     gateway_host: str = "127.0.0.1"
     gateway_http_port: int = 8000
@@ -134,6 +136,8 @@ class Settings:
             raise SettingsError(f"GRAFT_POLICY must be graft or per-cut, got {self.policy!r}")
         if self.batching not in ("eager", "slack"):
             raise SettingsError(f"GRAFT_BATCHING must be eager or slack, got {self.batching!r}")
+        if self.cpu_reserve < 0:
+            raise SettingsError(f"GRAFT_CPU_RESERVE must be at least 0, got {self.cpu_reserve}")
         if self.max_deliveries < 1:
             raise SettingsError("GRAFT_MAX_DELIVERIES must be at least 1")
         for name, host in (("GRAFT_METRICS_HOST", self.metrics_host), ("GRAFT_GATEWAY_HOST", self.gateway_host)):

@@ -3,7 +3,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.planning.place import DeviceKind, device_kind, place
+from common.planning.place import DeviceKind, device_kind, fill_headroom, place
 from common.planning.synthetic import synthetic_profile
 from common.planning.types import GPU_CAPACITY, MAX_CLIENTS_PER_DEVICE, Group
 from common.profiles import Profile
@@ -33,6 +33,19 @@ def test_cpu_profiles_pack_threads_onto_hosts() -> None:
     assert cpu == DeviceKind("cpu", 4)  # one host holds the threads it was profiled with
     devices = place([group("a", 2, 3), group("b", 4, 1)], cpu)
     assert [d.used for d in devices] == [4, 4, 2] and devices[0].device == "cpu0"
+
+
+def test_headroom_fills_a_cpu_host_but_leaves_the_reserve_to_the_serving_path() -> None:
+    kind = DeviceKind("cpu", 4)
+    needed = [group("a", 1, 1)]
+    groups, placement = fill_headroom(needed, place(needed, kind), kind)
+    assert groups[0].replicas == 4 and groups[0].spares == 3 and placement[0].used == 4
+    groups, placement = fill_headroom(needed, place(needed, kind), kind, reserve=1)
+    assert groups[0].replicas == 3 and groups[0].spares == 2 and placement[0].used == 3
+    # What the load needs is placed whatever the reserve: only the filler replicas give way.
+    busy = [group("b", 1, 4)]
+    groups, placement = fill_headroom(busy, place(busy, kind), kind, reserve=2)
+    assert groups[0].replicas == 4 and groups[0].spares == 0 and placement[0].used == 4
 
 
 @settings(max_examples=50, deadline=None)

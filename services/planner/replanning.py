@@ -75,7 +75,7 @@ class Steering:
 def next_plan(profile: Profile, workload: Mapping[str, Any], *, epoch: int, rho: float, steering: Steering,
               profile_name: str, policy: str = "graft", live: Collection[str] | None = None,
               all_cpu: AllCpu = False, previous: Sequence[Mapping[str, Any]] | None = None,
-              spares: int = 0, fill: bool = True) -> dict[str, Any]:
+              spares: int = 0, fill: bool = True, cpu_reserve: int = 0) -> dict[str, Any]:
     """Plan ``workload`` with ``policy``, apply pins, then put the placement on live, non-drained devices.
 
     ``live``: device names live worker agents host (``None``: unknown, keep positional names);
@@ -83,12 +83,14 @@ def next_plan(profile: Profile, workload: Mapping[str, Any], *, epoch: int, rho:
     node serves every plain ``cpuN``); ``previous``: the current plan's placement, whose
     device choices are kept where they still work. The plan gets ``unplaced``: the devices (synthetic
     names nobody hosts) whose replicas no live device could take, ``[{"device", "replicas": count}]``.
+    ``fill``/``cpu_reserve``: on a CPU profile, give each device's share beyond ``cpu_reserve`` to more
+    replicas (``fill_headroom``).
     """
     fragments = workload_from_dict(workload)
     plan = make_plan(profile, fragments, policy, rho=rho, epoch=epoch, profile_name=profile_name, spares=spares)
     plan = _apply_pins(plan, steering.pinned, profile)
     if fill and profile.unit == "cpu_threads":
-        groups, placement = fill_headroom(plan.groups, plan.placement, device_kind(profile))
+        groups, placement = fill_headroom(plan.groups, plan.placement, device_kind(profile), reserve=cpu_reserve)
         plan = replace(plan, groups=groups, placement=placement)
     out = plan.to_dict()
     assigned = assign_devices(out["placement"], live, steering.drained, all_cpu=all_cpu, previous=previous)

@@ -122,7 +122,8 @@ class Planner:
         plan = next_plan(self.planning_profile(), workload, epoch=epoch, rho=self.settings.rho, steering=self.steering,
                          profile_name=self.profile_name, policy=self.steering.policy or self.settings.policy,
                          live=self.devices.live, all_cpu=self.devices.all_cpu_nodes,
-                         previous=(self.current or {}).get("placement"), spares=self.settings.spare_replicas)
+                         previous=(self.current or {}).get("placement"), spares=self.settings.spare_replicas,
+                         cpu_reserve=self.settings.cpu_reserve)
         if self.steering.hold:
             plan["hold"] = True
         plan["shapes"] = await self.published_shapes(plan)
