@@ -205,10 +205,12 @@ async def test_start_system_serves_replans_and_stops(cache: Path, tmp_path: Path
             assert view.epoch == 2
             second = await wait_ready(system, timeout=60)  # now: epoch 2's stream has a live reader
             assert second["epoch"] == 2
-            for row in await admin.services_status(r):
-                if row["service"] == "replica":
-                    replica_pids.append(int(row["pid"]))
-            assert len(replica_pids) >= 2  # the serving replica and its warm standby
+            deadline = time.monotonic() + 30  # the standby may still be loading its model
+            while len(pids := [int(row["pid"]) for row in await admin.services_status(r)
+                               if row["service"] == "replica"]) < 2:
+                assert time.monotonic() < deadline, f"the serving replica and its warm standby: {pids}"
+                await asyncio.sleep(0.2)
+            replica_pids.extend(pids)
         finally:
             await r.aclose()
     finally:
