@@ -76,8 +76,8 @@ def settings(url: str) -> Settings:
 
 
 def task(epoch: int = 1, gid: str = "g0", *, batch: int = 8, latency_ms: float = 20.0,
-         cuts: Sequence[int] = CUTS) -> Task:
-    return Task(epoch, gid, keys.group_stream(epoch, gid), batch, latency_ms, tuple(cuts))
+         cuts: Sequence[int] = CUTS, replicas: int = 1) -> Task:
+    return Task(epoch, gid, keys.group_stream(epoch, gid), batch, latency_ms, tuple(cuts), replicas)
 
 
 def serving(t: Task, *draining: str, consumer: str = CONSUMER, share: int = 1) -> Assignment:
@@ -324,7 +324,7 @@ class Slow:
 
 async def test_entries_held_in_a_slow_batch_are_not_stolen_by_a_sibling(redis: Any, redis_url: str,
                                                                         blocks: list[torch.nn.Module]) -> None:
-    async with running(redis_url, serving(task(batch=1))) as (replica, _run, _control):
+    async with running(redis_url, serving(task(batch=1, replicas=2))) as (replica, _run, _control):
         assert replica.loop is not None
         replica.loop.runner = Slow(replica.loop.runner, 1.2)
         sibling = Reaper(redis, S1, keys.WORKER_GROUP, "cpu0-resnet18-5", min_idle_ms=300)
@@ -348,8 +348,8 @@ async def test_entries_held_in_a_slow_batch_are_not_stolen_by_a_sibling(redis: A
 
 async def test_a_busy_replica_leaves_new_entries_to_a_free_sibling(redis: Any, redis_url: str,
                                                                    blocks: list[torch.nn.Module]) -> None:
-    async with running(redis_url, serving(task(batch=4))) as (replica, _run, _control):
-        assert replica.loop is not None
+    async with running(redis_url, serving(task(batch=4, replicas=2))) as (replica, _run, _control):
+        assert replica.loop is not None and not replica.loop.read_ahead
         replica.loop.runner = Slow(replica.loop.runner, 1.0)
         first = await put(redis, S1, [request(blocks, "first", 8, 60)[0]])
         await until(lambda: bool(replica.loop and replica.loop.in_flight), 5, "the first batch running")
@@ -359,6 +359,24 @@ async def test_a_busy_replica_leaves_new_entries_to_a_free_sibling(redis: Any, r
         assert taken == later  # a free sibling gets every entry that arrived during the batch
         got = await replies(redis, 1)
         assert got["first"].ok and len(first) == 1
+
+
+async def test_a_groups_sole_replica_reads_the_next_batch_while_one_runs(redis: Any, redis_url: str,
+                                                                      blocks: list[torch.nn.Module]) -> None:
+    async with running(redis_url, serving(task(batch=4))) as (replica, _run, _control):
+        assert replica.loop is not None and replica.loop.read_ahead
+        replica.loop.runner = Slow(replica.loop.runner, 1.0)
+        await put(redis, S1, [request(blocks, "first", 8, 60)[0]])
+        await until(lambda: bool(replica.loop and replica.loop.in_flight), 5, "the first batch running")
+        later = await put(redis, S1, [request(blocks, f"later{i}", 8, 61 + i)[0] for i in range(6)])
+        # Held while the first batch still runs: one batch's worth (4), the rest left in the stream.
+        await until(lambda: bool(replica.loop and replica.loop.size == 5), 5, "the next batch read ahead")
+        assert replica.loop.in_flight and len(replica.loop.queue) == 4
+        sibling = await redis.xreadgroup(keys.WORKER_GROUP, "cpu0-resnet18-7", {S1: ">"}, count=10)
+        assert [raw_id.decode() for _, rows in sibling for raw_id, _ in rows] == later[4:]
+        got = await replies(redis, 5)
+        assert all(got[k].ok for k in ("first", *(f"later{i}" for i in range(4))))
+        assert got["later0"].batch == 4
 
 
 # ------------------------------------------------------------------------------------ assignments
@@ -431,7 +449,7 @@ async def _state_is(redis: Any, state: str, streams: list[str]) -> bool:
 
 async def test_stop_serves_what_it_holds_then_exits_0(redis: Any, redis_url: str,
                                                       blocks: list[torch.nn.Module]) -> None:
-    replica, run, control = await start(redis_url, serving(task(batch=2)))
+    replica, run, control = await start(redis_url, serving(task(batch=2, replicas=2)))  # no read-ahead
     assert replica.loop is not None
     replica.loop.runner = Slow(replica.loop.runner, 0.3)
     work = [request(blocks, f"s{i}", CUTS[i % 3], i) for i in range(4)]

@@ -233,7 +233,8 @@ class Agent:
                 if spec is None:
                     log.error("placement_without_group", epoch=view.epoch, group=p.group)
                     continue
-                task = Task(view.epoch, spec.id, view.stream(spec.id), spec.batch, spec.latency_ms, spec.cuts)
+                task = Task(view.epoch, spec.id, view.stream(spec.id), spec.batch, spec.latency_ms, spec.cuts,
+                            spec.replicas)
                 out.append(Wanted(dev, spec.model, p.share, task))
         self._scale = {str(m): float(f) for m, f in scale.items()} if isinstance(scale, dict) else {}
         gpu = [w for w in out if self.devices[w.device].is_gpu]

@@ -33,15 +33,16 @@ class Task:
     batch: int
     latency_ms: float  # the plan's L(B) for this group (scaled as planned)
     cuts: tuple[int, ...]
+    replicas: int = 1  # the group's serving replicas in the plan (this one included)
 
     def to_wire(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "group": self.group, "stream": self.stream, "batch": self.batch,
-                "latency_ms": self.latency_ms, "cuts": list(self.cuts)}
+                "latency_ms": self.latency_ms, "cuts": list(self.cuts), "replicas": self.replicas}
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> Task:
         return cls(int(d["epoch"]), str(d["group"]), str(d["stream"]), int(d["batch"]), float(d["latency_ms"]),
-                   tuple(int(c) for c in d.get("cuts", ())))
+                   tuple(int(c) for c in d.get("cuts", ())), max(1, int(d.get("replicas", 1))))
 
 
 @dataclass(frozen=True, slots=True)

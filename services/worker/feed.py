@@ -148,7 +148,7 @@ class Feed:
         while not reader.stop.is_set():
             await self.loop.wait_for_space(self.capacity)
             try:
-                entries = await consumer.read(count=max(1, self.capacity - self.loop.size))
+                entries = await consumer.read(count=max(1, self.loop.room(self.capacity)))
                 backoff.reset()
                 await self.admit(entries, stream)
             except TRANSIENT as exc:

@@ -90,6 +90,9 @@ class BatchLoop:
         self.group = ""  # the active group, for metrics labels ("" on standby)
         self.alpha = alpha
         self.eager = eager  # work-conserving (GRAFT_BATCHING=eager) or wait for the head's slack
+        # Read the next batch while one runs: only for a group's sole replica (a sibling that is free
+        # would otherwise find the entries this one holds; see wait_for_space).
+        self.read_ahead = False
         self.queue = EdfQueue()
         self.jobs: dict[str, Job] = {}  # entry id -> job, queued or in flight
         self.in_flight: set[str] = set()
@@ -153,14 +156,22 @@ class BatchLoop:
     def wake(self) -> None:
         self._wake.set()
 
-    async def wait_for_space(self, capacity: int) -> None:
-        """Return when the reader may take new entries: fewer than ``capacity`` held and no batch in flight.
+    def room(self, capacity: int) -> int:
+        """How many more entries the reader may take now (at most ``capacity`` queued; 0: wait).
 
-        While a batch runs the replica takes nothing: what arrives stays in the stream, a queue shared
-        by the group's replicas, for the first one free to run it. A busy replica that read ahead would
+        While a batch runs a replica takes nothing: what arrives stays in the stream, a queue shared by
+        the group's replicas, for the first one free to run it. A busy replica that read ahead would
         lock entries in its own queue while a sibling sat idle (two replicas reading eagerly get
-        alternate entries, two separate queues; pulling when free makes one queue with two servers)."""
-        while self.size >= capacity or self.in_flight:
+        alternate entries, two separate queues; pulling when free makes one queue with two servers).
+        A group's sole replica (``read_ahead``) has no sibling to starve: it reads the next batch while
+        one runs, so reading, decoding and replying overlap the compute instead of adding to it."""
+        if self.in_flight and not self.read_ahead:
+            return 0
+        return capacity - (self.size - len(self.in_flight))
+
+    async def wait_for_space(self, capacity: int) -> None:
+        """Return when the reader may take new entries (``room``)."""
+        while self.room(capacity) <= 0:
             self._space.clear()
             await self._space.wait()
 
@@ -228,6 +239,8 @@ class BatchLoop:
         """Run one re-aligned batch and answer every job in it (an error reply if the batch fails)."""
         n = len(jobs)
         self.in_flight.update(j.entry_id for j in jobs)
+        if self.read_ahead:
+            self._space.set()  # the launched jobs left the queue: room for the next batch
         counts: dict[int, int] = {}
         for j in jobs:
             counts[j.pending.cut] = counts.get(j.pending.cut, 0) + 1

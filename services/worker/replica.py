@@ -270,6 +270,7 @@ class Replica:
                 new.carry_from(self.loop.latency)
             self.loop.retarget(max_batch=task.batch if task else self.loop.max_batch, latency=new,
                                group=task.group if task else "")
+        self.loop.read_ahead = a.active is not None and a.active.replicas <= 1
         self.feed.assign(a.consumer, a.streams)
         previous = self.assignment
         self.assignment = a
