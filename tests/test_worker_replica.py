@@ -353,9 +353,6 @@ async def test_a_busy_replica_leaves_new_entries_to_a_free_sibling(redis: Any, r
         replica.loop.runner = Slow(replica.loop.runner, 1.0)
         first = await put(redis, S1, [request(blocks, "first", 8, 60)[0]])
         await until(lambda: bool(replica.loop and replica.loop.in_flight), 5, "the first batch running")
-        # A read issued between taking "first" and launching it may still block in Redis for up to
-        # block_ms (50 ms): let it expire, so what follows arrives while the replica only waits.
-        await asyncio.sleep(0.2)
         later = await put(redis, S1, [request(blocks, f"later{i}", 8, 61 + i)[0] for i in range(3)])
         sibling = await redis.xreadgroup(keys.WORKER_GROUP, "cpu0-resnet18-7", {S1: ">"}, count=10)
         taken = [raw_id.decode() for _, rows in sibling for raw_id, _ in rows]

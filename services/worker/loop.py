@@ -93,6 +93,7 @@ class BatchLoop:
         # Read the next batch while one runs: only for a group's sole replica (a sibling that is free
         # would otherwise find the entries this one holds; see wait_for_space).
         self.read_ahead = False
+        self._undecided = False  # entries were added that the loop has not decided on yet
         self.queue = EdfQueue()
         self.jobs: dict[str, Job] = {}  # entry id -> job, queued or in flight
         self.in_flight: set[str] = set()
@@ -150,6 +151,8 @@ class BatchLoop:
             return False
         self.jobs[job.entry_id] = job
         self.queue.add(job.pending)
+        if not self.in_flight:
+            self._undecided = True  # the reader waits for the decision (see room)
         self._wake.set()
         return True
 
@@ -164,8 +167,10 @@ class BatchLoop:
         lock entries in its own queue while a sibling sat idle (two replicas reading eagerly get
         alternate entries, two separate queues; pulling when free makes one queue with two servers).
         A group's sole replica (``read_ahead``) has no sibling to starve: it reads the next batch while
-        one runs, so reading, decoding and replying overlap the compute instead of adding to it."""
-        if self.in_flight and not self.read_ahead:
+        one runs, so reading, decoding and replying overlap the compute instead of adding to it.
+        Entries just added wait for the loop's decision first: a read issued before the batch they
+        join launches would block in Redis and take what arrives next from a free sibling."""
+        if self._undecided or (self.in_flight and not self.read_ahead):
             return 0
         return capacity - (self.size - len(self.in_flight))
 
@@ -203,6 +208,9 @@ class BatchLoop:
             if launch:
                 await self.execute(self._take(launch))
                 continue
+            if self._undecided:  # decided to hold what is queued: the reader may take more
+                self._undecided = False
+                self._space.set()
             if decision.drop:
                 continue
             timeout = IDLE_WAIT_S if decision.wait_s is None else min(decision.wait_s, IDLE_WAIT_S)
@@ -239,6 +247,7 @@ class BatchLoop:
         """Run one re-aligned batch and answer every job in it (an error reply if the batch fails)."""
         n = len(jobs)
         self.in_flight.update(j.entry_id for j in jobs)
+        self._undecided = False
         if self.read_ahead:
             self._space.set()  # the launched jobs left the queue: room for the next batch
         counts: dict[int, int] = {}
