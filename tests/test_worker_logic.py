@@ -106,8 +106,11 @@ async def test_replies_wait_out_a_store_outage_and_are_written_once() -> None:
     stop = asyncio.Event()
     run = asyncio.create_task(loop.run(stop))
     await until(lambda: runner.batches, 5, "the batch ran")
-    await asyncio.sleep(0.2)  # the reply write is failing and being retried
-    assert not store.replies and store.calls >= 2
+    # The reply write is failing and being retried: two failed attempts, then the store comes back
+    # while retries are left (a fixed 0.2 s outage could outlast all five: their jittered backoff can
+    # sum to less than that, and then the batch waits for a reaper this test does not run).
+    await until(lambda: store.calls >= 2, 5, "two failed reply writes")
+    assert not store.replies
     store.down = False
     await until(lambda: bool(store.replies), 5, "the reply written once the store is back")
     stop.set()
