@@ -48,13 +48,15 @@ def bench_plan(epoch: int = 1) -> dict[str, Any]:
             "infeasible": [], "placement": [], "total_share": 0, "gpus": 0, "routes": {}}
 
 
-async def _stand_in_replica(r: Client, plan: dict[str, Any], stop: asyncio.Event) -> None:
+async def _stand_in_replica(r: Client, plan: dict[str, Any], stop: asyncio.Event, beating: asyncio.Event) -> None:
     """Heartbeats of a replica reading both group streams, until ``stop`` (the ingress forgets a replica
-    it has not heard from for 2 s, and writing the requests alone can take longer on a busy host)."""
+    it has not heard from for 2 s, and writing the requests alone can take longer on a busy host);
+    ``beating`` is set once the first heartbeat is in Redis."""
     replicas = Registry(r, keys.REPLICA_KIND, 60.0)
     body = {"state": "serving", "streams": [keys.group_stream(1, g["id"]) for g in plan["groups"]]}
     while not stop.is_set():
         await replicas.beat("bench-replica", body)
+        beating.set()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.5)
 
@@ -84,7 +86,8 @@ async def measure_routing_rate(redis_url: str, n: int = 20_000, *, count: int = 
             raise RuntimeError("the routing bench needs an empty Redis (it found a plan or an ingress stream)")
         plan = bench_plan()
         await publish_plan(r, plan)
-        beating = asyncio.create_task(_stand_in_replica(r, plan, stop))
+        first_beat = asyncio.Event()
+        beating = asyncio.create_task(_stand_in_replica(r, plan, stop, first_beat))
         await ensure_group(r, keys.INGRESS, keys.INGRESS_GROUP, "0")
         payloads = _requests(n, f"bench-{uuid.uuid4().hex[:8]}", *((0.5, 4) if refuse else (30_000.0, 1)))
         for i in range(0, n, 1000):
@@ -92,6 +95,9 @@ async def measure_routing_rate(redis_url: str, n: int = 20_000, *, count: int = 
                 for p in payloads[i:i + 1000]:
                     pipe.xadd(keys.INGRESS, {keys.FIELD: p})
                 await pipe.execute()
+        # The ingress routes only to streams a live replica reads: before the stand-in's first heartbeat
+        # it would refuse every request (OVERLOADED), as it did once on a busy host.
+        await asyncio.wait_for(first_beat.wait(), 10.0)
         service = IngressService(r, settings, name="bench", count=count, stats_interval_s=5.0, trim_interval_s=60.0)
         task = asyncio.create_task(service.run(stop))
         await service.ready.wait()
