@@ -91,7 +91,7 @@ class BatchLoop:
         self.alpha = alpha
         self.eager = eager  # work-conserving (GRAFT_BATCHING=eager) or wait for the head's slack
         # Read the next batch while one runs: only for a group's sole replica (a sibling that is free
-        # would otherwise find the entries this one holds; see wait_for_space).
+        # would otherwise find the entries this one holds; see room).
         self.read_ahead = False
         self._undecided = False  # entries were added that the loop has not decided on yet
         self.queue = EdfQueue()
