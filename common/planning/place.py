@@ -61,9 +61,10 @@ def fill_headroom(groups: Sequence[Group], placement: Sequence[DevicePlacement],
     and a replica's death, not part of what the load requires (``Plan.required_share``).
 
     ``reserve``: share of each device left free (``GRAFT_CPU_RESERVE``): on a host that also runs the
-    ingress, Redis and producers, those need a core too. Measured on two cores (MobileNetV2, 60 ms, one
-    replica vs. a second one filling the other core, client-measured): 99.7% vs. 93.9% at 250 req/s,
-    91.7% vs. 82.2% at 300 req/s — the filler competed with the serving path for the core it used.
+    ingress, Redis and producers, those need a core too. Measured on two cores with a scratch probe
+    (MobileNetV2, 60 ms, one replica vs. a second one filling the other core, client-measured): 99.7%
+    vs. 93.9% at 250 req/s, 91.7% vs. 82.2% at 300 req/s — the filler most likely competed with the
+    serving path for the core it used.
     """
     by_id = {g.id: g for g in groups}
     extra: dict[str, int] = {}
