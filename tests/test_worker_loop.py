@@ -249,6 +249,38 @@ async def test_requests_that_cannot_make_it_are_answered_deadline_exceeded_unrun
     assert late.reply.error is not None and late.reply.error.details["late_ms"] >= 100 - 1
 
 
+class SlowSink(Sink):
+    """A reply round trip that takes ``delay_s``; records how many batches the runner had started at each call's end."""
+
+    def __init__(self, runner: FakeRunner, delay_s: float) -> None:
+        super().__init__()
+        self.runner, self.delay_s = runner, delay_s
+        self.launched_by_end: list[int] = []
+
+    async def __call__(self, done: list[Done]) -> None:
+        await asyncio.sleep(self.delay_s)
+        await super().__call__(done)
+        self.launched_by_end.append(len(self.runner.batches))
+
+
+async def test_the_next_batch_runs_while_the_last_ones_replies_are_written() -> None:
+    runner = FakeRunner(delay_s=0.05)
+    sink = SlowSink(runner, delay_s=0.2)
+    loop = BatchLoop(runner, LatencyModel(14, prior_ms=5.0), sink, max_batch=2)
+    for i in range(6):
+        loop.add(job(f"{i}-0", 0, deadline_in_s=30.0))
+    t0 = time.perf_counter()
+    await serve_queued(loop)
+    elapsed = time.perf_counter() - t0
+    # Batch k+1 was computed while batch k's replies were on their way: when the first batch's replies were
+    # written, the second batch had already started (a loop that waited for the sink would show 1).
+    assert sink.launched_by_end[0] >= 2
+    # Each reply once, in batch order, and all written before run() returned; at most one batch's replies
+    # outstanding, so three batches take 3 x 0.2 s of replies plus the first batch's 0.05 s, not 3 x 0.25 s.
+    assert [d.entry_id for d in sink.done] == [f"{i}-0" for i in range(6)] and sink.calls == 3 and loop.idle
+    assert loop.batches == 3 and elapsed < 3 * 0.25 - 0.02
+
+
 async def test_retarget_applies_at_the_next_batch_boundary() -> None:
     runner = FakeRunner(delay_s=0.2)
     loop, sink = make_loop(runner, max_batch=2, ms=5.0)  # predicted above INLINE_S: batches run in a thread

@@ -12,7 +12,9 @@ the host↔device copies are reported apart (``copy_ms``), and what the wall clo
 compute span (copies, the thread handoff) joins the launch margin instead.
 
 Replies leave through ``sink``: the replica sends a batch's replies, XACKs its entries and deletes the
-blobs of blob requests in one pipelined round trip. The loop never talks to Redis itself, so it runs against a list in unit tests.
+blobs of blob requests in one pipelined round trip, while the next batch already runs (at most one
+batch's replies are outstanding; ``run`` returns only once they are written). The loop never talks to
+Redis itself, so it runs against a list in unit tests.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ class BatchLoop:
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
         self._space.set()
+        self._replying: asyncio.Task[None] | None = None  # the last batch's replies being written
 
     @property
     def margin_s(self) -> float:
@@ -194,6 +197,18 @@ class BatchLoop:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set and the queue is empty (a stopping loop launches without waiting)."""
+        try:
+            await self._serve(stop)
+        finally:
+            await self.replied()
+
+    async def replied(self) -> None:
+        """Wait until the replies of the last batch are written (they go out while the next batch runs)."""
+        task, self._replying = self._replying, None
+        if task is not None:
+            await task
+
+    async def _serve(self, stop: asyncio.Event) -> None:
         while True:
             if stop.is_set() and not self.queue:
                 return
@@ -206,7 +221,7 @@ class BatchLoop:
             if not launch and stop.is_set() and self.queue:
                 launch = self.queue.pop_batch(self.max_batch)
             if launch:
-                await self.execute(self._take(launch))
+                await self.execute(self._take(launch), overlap=True)
                 continue
             if self._undecided:  # decided to hold what is queued: the reader may take more
                 self._undecided = False
@@ -243,8 +258,12 @@ class BatchLoop:
         finally:
             self._release(jobs)
 
-    async def execute(self, jobs: list[Job]) -> None:
-        """Run one re-aligned batch and answer every job in it (an error reply if the batch fails)."""
+    async def execute(self, jobs: list[Job], *, overlap: bool = False) -> None:
+        """Run one re-aligned batch and answer every job in it (an error reply if the batch fails).
+
+        ``overlap``: return once the batch is computed and leave its replies to a task, so the next batch
+        launches while they are written (the loop's way; at most one batch's replies are outstanding,
+        the previous ones are awaited first). Otherwise return once they are written."""
         n = len(jobs)
         self.in_flight.update(j.entry_id for j in jobs)
         self._undecided = False
@@ -288,6 +307,16 @@ class BatchLoop:
             j.req_id, out, server_ms=(now - j.received) * 1000.0, epoch=j.epoch, group=j.group, batch=n,
             timings=self._timings(j, start, compute_ms, copy_s * 1000.0)))
             for j, out in zip(jobs, outputs, strict=True)]
+        await self.replied()
+        reply = self._reply(jobs, done, predicted, compute_s, counts)
+        if overlap:
+            self._replying = asyncio.create_task(reply)
+        else:
+            await reply
+
+    async def _reply(self, jobs: list[Job], done: list[Done], predicted: float, compute_s: float,
+                     counts: dict[int, int]) -> None:
+        n = len(jobs)
         t1 = time.perf_counter()
         try:
             await self.sink(done)
