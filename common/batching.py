@@ -21,6 +21,9 @@ asks :meth:`BatchPolicy.decide` what to do, and the answer follows these rules:
    dropped it). Members finish together and none has an earlier deadline than the window's head, so
    the policy never knowingly launches a late request. The margin only moves launches earlier; it
    never shrinks a batch.
+   "Finish" counts ``tail_s`` after the compute (the reply's write, which every request of a batch
+   waits for): rules 2 and 4 judge ``t0 + tail_s`` against the deadlines, so a batch whose compute
+   ends just at its head's deadline, with the reply still to write, is not knowingly launched late.
 5. **Otherwise wait** ``wait_s`` — until the slack is down to the margin, or until a queued request
    would become a certain miss, whichever comes first. Waits are always positive: no busy spin.
 
@@ -199,15 +202,16 @@ class EdfQueue:
 class BatchPolicy:
     """The rules of the module docstring for one group: ``max_batch`` (the plan's B) and its latency."""
 
-    def __init__(self, max_batch: int, latency: LatencyModel, *, margin_s: float = 0.0,
+    def __init__(self, max_batch: int, latency: LatencyModel, *, margin_s: float = 0.0, tail_s: float = 0.0,
                  drop_early: bool = True, eager: bool = False) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-        if margin_s < 0:
-            raise ValueError(f"margin_s must be non-negative, got {margin_s}")
+        if margin_s < 0 or tail_s < 0:
+            raise ValueError(f"margin_s and tail_s must be non-negative, got {margin_s}, {tail_s}")
         self.max_batch = int(max_batch)
         self.latency = latency
         self.margin_s = float(margin_s)
+        self.tail_s = float(tail_s)
         self.drop_early = drop_early
         self.eager = eager
         self._alone: dict[int, float] = {}
@@ -235,11 +239,12 @@ class BatchPolicy:
         """
         ordered = iter(queue if isinstance(queue, EdfQueue) else sorted(queue, key=edf_key))
         t0 = now if busy_until is None else max(now, busy_until)
+        te = t0 + self.tail_s  # deadlines are judged for the compute plus what must follow it (the reply)
         live: list[Pending] = []
         drops: list[Pending] = []
         next_drop = float("inf")  # time until the first live request becomes a certain miss
         while len(live) < self.max_batch:
-            nxt = self._next_live(ordered, t0, drops)
+            nxt = self._next_live(ordered, te, drops)
             if nxt is None:
                 break
             live.append(nxt[0])
@@ -256,9 +261,9 @@ class BatchPolicy:
             if wait > EPS_S:
                 return Decision(drop=drops, wait_s=wait)
         batch = live
-        if t0 + predicted > live[0].deadline:
-            window = self._slide(list(live), ordered, t0, drops) if len(live) == self.max_batch else None
-            batch, predicted = window if window is not None else self._fit(live, t0)
+        if te + predicted > live[0].deadline:
+            window = self._slide(list(live), ordered, te, drops) if len(live) == self.max_batch else None
+            batch, predicted = window if window is not None else self._fit(live, te)
         left = len(queue) - len(drops) - len(batch)
         return Decision(launch=batch, drop=drops, wait_s=0.0 if left else None, predicted_s=predicted)
 

@@ -35,6 +35,22 @@ def req(i: int, deadline: float, cut: int = 0, arrival: float = 0.0) -> Pending:
     return Pending(f"r{i}", cut, deadline, arrival)
 
 
+def test_the_reply_after_the_compute_counts_against_the_deadline() -> None:
+    def per_item(counts: Mapping[int, int]) -> float:  # 10 ms a request
+        return 0.010 * sum(counts.values())
+
+    # 12 ms left: the compute (10 ms) fits, the compute and its 3 ms reply do not: dropped, not run late.
+    tight = [req(0, 0.012), req(1, 1.0)]
+    d = BatchPolicy(4, per_item, tail_s=0.003, eager=True).decide(tight, 0.0)
+    assert [p.req_id for p in d.drop] == ["r0"] and [p.req_id for p in d.launch] == ["r1"]
+    assert [p.req_id for p in BatchPolicy(4, per_item, eager=True).decide(tight, 0.0).launch] == ["r0"]  # no tail: run
+    # A batch of two (20 ms) would end at 23 ms with its reply, past the head's 22 ms: the head runs alone.
+    pair = [req(0, 0.022), req(1, 0.5)]
+    d = BatchPolicy(4, per_item, tail_s=0.003, eager=True).decide(pair, 0.0)
+    assert [p.req_id for p in d.launch] == ["r0"] and d.drop == []
+    assert len(BatchPolicy(4, per_item, eager=True).decide(pair, 0.0).launch) == 2
+
+
 def test_empty_queue_waits_for_an_arrival() -> None:
     assert BatchPolicy(4, LAT).decide([], 1.0) == Decision([], [], None, 0.0)
     assert BatchPolicy(4, LAT).decide(EdfQueue(), 1.0).wait_s is None

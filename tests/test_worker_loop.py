@@ -331,7 +331,9 @@ async def test_an_idle_loop_does_not_spin(monkeypatch: pytest.MonkeyPatch) -> No
     # one request with slack (slack mode): it waits for its slack, it does not poll
     loop.add(job("s-0", 0, deadline_in_s=0.4))
     await asyncio.sleep(0.7)
-    assert 1 <= decisions - idle <= 6 and loop.served == 1
+    # Served, or — when the slack timer fired later than the margin allows on a busy host — answered
+    # DEADLINE_EXCEEDED unrun; either way once, and without polling.
+    assert 1 <= decisions - idle <= 6 and loop.served + loop.expired == 1
     stop.set()
     loop.wake()
     await asyncio.wait_for(task, 5)

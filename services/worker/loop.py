@@ -118,7 +118,8 @@ class BatchLoop:
         return self.reply_s + self.overhead_s + self.jitter_s + SAFETY_S
 
     def _policy(self) -> BatchPolicy:
-        return BatchPolicy(self.max_batch, self.latency, margin_s=self.margin_s, drop_early=True, eager=self.eager)
+        return BatchPolicy(self.max_batch, self.latency, margin_s=self.margin_s, tail_s=self.reply_s + self.overhead_s,
+                           drop_early=True, eager=self.eager)
 
     def retarget(self, *, max_batch: int, latency: LatencyModel, group: str) -> None:
         """Serve with another batch size and latency model from the next decision on (a new assignment);
