@@ -114,11 +114,16 @@ class BatchLoop:
         self._replying: asyncio.Task[None] | None = None  # the last batch's replies being written
 
     @property
+    def tail_s(self) -> float:
+        """What every request of a batch waits for after its compute: the handoff back and the reply write."""
+        return self.reply_s + self.overhead_s
+
+    @property
     def margin_s(self) -> float:
-        return self.reply_s + self.overhead_s + self.jitter_s + SAFETY_S
+        return self.tail_s + self.jitter_s + SAFETY_S
 
     def _policy(self) -> BatchPolicy:
-        return BatchPolicy(self.max_batch, self.latency, margin_s=self.margin_s, tail_s=self.reply_s + self.overhead_s,
+        return BatchPolicy(self.max_batch, self.latency, margin_s=self.margin_s, tail_s=self.tail_s,
                            drop_early=True, eager=self.eager)
 
     def retarget(self, *, max_batch: int, latency: LatencyModel, group: str) -> None:
