@@ -47,6 +47,8 @@ async def test_duplicates_losses_and_late_replies_are_counted(redis: Any) -> Non
     assert v.errors == {"DEADLINE_EXCEEDED": 1, "OVERLOADED": 1}
     assert (v.lost, v.late, sorted(v.lost_ids)) == (2, 1, ["r3", "r4"])
     assert (v.duplicated, v.dup_ids) == (1, ["r1"])
+    assert v.dup_examples == [f"r1 (entry {t + 1}-0): OK at +19 ms, source None, reply {t + 20}-0; "
+                              f"OK at +20 ms, source None, reply {t + 21}-0"]
     assert v.unknown_replies == 2  # the stranger and the garbled entry
     assert round(v.ok_in_budget_pct, 3) == round(100 * 2 / 7, 3)
     # Reading the same streams again (tail + XRANGE) does not invent duplicates.
@@ -54,6 +56,9 @@ async def test_duplicates_losses_and_late_replies_are_counted(redis: Any) -> Non
     assert acct.judge().duplicated == 1
     # A window of the requests is judged alone.
     assert acct.judge(["r0", "r4"]).to_dict()["lost"] == 1
+    # Outcomes per step of intended send time (r0..r6 are sent within 7 ms).
+    assert acct.timeline([f"r{i}" for i in range(7)], step_ms=4.0) == [
+        {"ok": 2, "DEADLINE_EXCEEDED": 1, "ok-late": 1}, {"none": 1, "ok-late": 1, "OVERLOADED": 1}]
 
 
 async def test_tail_sees_replies_as_they_come_and_counts_each_entry_once(redis: Any) -> None:

@@ -113,6 +113,7 @@ class Verdict:
     unknown_replies: int = 0  # reply entries for no request we sent
     lost_ids: list[str] = field(default_factory=list)
     dup_ids: list[str] = field(default_factory=list)
+    dup_examples: list[str] = field(default_factory=list)  # the first few: each reply's code, time, source
     latencies_ms: list[float] = field(default_factory=list)  # first reply − intended, answered ones
 
     @property
@@ -128,7 +129,8 @@ class Verdict:
                 "ok_in_budget": self.ok_in_budget, "ok_in_budget_pct": round(self.ok_in_budget_pct, 3),
                 "errors": dict(sorted(self.errors.items())), "lost": self.lost, "late": self.late,
                 "duplicated": self.duplicated, "unknown_replies": self.unknown_replies,
-                "lost_ids": self.lost_ids[:20], "dup_ids": self.dup_ids[:20]}
+                "lost_ids": self.lost_ids[:20], "dup_ids": self.dup_ids[:20],
+                "dup_examples": self.dup_examples}
 
 
 class Accountant:
@@ -257,6 +259,10 @@ class Accountant:
             if len(got) > 1:
                 v.duplicated += 1
                 v.dup_ids.append(rid)
+                if len(v.dup_examples) < 10:
+                    v.dup_examples.append(f"{rid} (entry {s.entry_id}): " + "; ".join(
+                        f"{g.code} at +{g.ms - s.intended_ms:.0f} ms, source {g.source}, reply {g.entry_id}"
+                        for g in got))
             if not got:
                 v.lost += 1
                 v.lost_ids.append(rid)
@@ -302,6 +308,24 @@ class Accountant:
         return {k: {"n": len(lag), "send_lag_p50_ms": pct(lag, 0.5), "send_lag_p99_ms": pct(lag, 0.99),
                     "server_p50_ms": pct(srv, 0.5), "server_p99_ms": pct(srv, 0.99)}
                 for k, (lag, srv) in sorted(spans.items())}
+
+    def timeline(self, req_ids: Iterable[str], step_ms: float = 1000.0) -> list[dict[str, int]]:
+        """Outcomes per ``step_ms`` of intended send time (``ok``, ``ok-late``, an error code, ``none``):
+        whether misses cluster at the start of a load (a transient) or run through it."""
+        by_req = self.replies_by_req()
+        rows = [(self.sent[rid], by_req.get(rid)) for rid in req_ids]
+        if not rows:
+            return []
+        t0 = min(s.intended_ms for s, _ in rows)
+        out: list[Counter[str]] = []
+        for s, got in rows:
+            k = int((s.intended_ms - t0) // step_ms)
+            while len(out) <= k:
+                out.append(Counter())
+            first = got[0] if got else None
+            out[k][("ok" if first.ms - s.intended_ms <= s.budget_ms else "ok-late") if first is not None and first.ok
+                   else first.code if first is not None else "none"] += 1
+        return [dict(c) for c in out]
 
     def sent_between(self, start_ms: float, end_ms: float) -> list[str]:
         return [rid for rid, s in self.sent.items() if start_ms <= s.intended_ms < end_ms]

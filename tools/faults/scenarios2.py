@@ -144,7 +144,8 @@ async def overload(ctx: Ctx) -> Result:
                 "admitted_in_budget_pct": round(100.0 * v.ok_in_budget / admitted, 3) if admitted else 0.0,
                 "goodput_rps": round(v.ok_in_budget / over_s, 1),
                 "goodput_vs_capacity": round(v.ok_in_budget / over_s / capacity, 3) if capacity else 0.0,
-                "overload_ids": len(ids), "breakdown": live.acct.breakdown(ids)}
+                "overload_ids": len(ids), "breakdown": live.acct.breakdown(ids),
+                "timeline_per_s": live.acct.timeline(ids)}
 
     # Two ingresses, as ``graft up`` starts them: one ingress's read → validate → write cycle is serial.
     res = await run_live(ctx, name, ctx.settings, body, extra_ingresses=1)
