@@ -21,7 +21,7 @@ from common.contract import keys, wire
 from common.model import zoo
 from common.store.connection import Client
 from tools.faults.accountant import Accountant, Sent, clock_offset_ms
-from tools.loadgen import Arrival, RequestClass, mix_arrivals
+from tools.loadgen import Arrival, RequestClass, collections_deferred, mix_arrivals
 
 _COUNTER = itertools.count()
 
@@ -88,6 +88,11 @@ class Load:
     async def run(self, arrivals: Sequence[Arrival], *, stop: asyncio.Event | None = None,
                   prefix: str = "fx", client: str | None = None) -> list[str]:
         """Send ``arrivals`` at their intended times (relative to now); returns every req_id sent."""
+        with collections_deferred():  # a collection pause would delay every send due meanwhile
+            return await self._run(arrivals, stop=stop, prefix=prefix, client=client)
+
+    async def _run(self, arrivals: Sequence[Arrival], *, stop: asyncio.Event | None, prefix: str,
+                   client: str | None) -> list[str]:
         start = time.time() + 0.02
         out: list[str] = []
         i = 0
@@ -135,5 +140,6 @@ async def closed_loop(load: Load, acct: Accountant, cls: RequestClass, *, concur
             if got is not None and got.ok:
                 ok += 1
 
-    await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    with collections_deferred():
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
     return ok, time.time() - t0
