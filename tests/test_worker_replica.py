@@ -22,12 +22,13 @@ from redis.exceptions import ResponseError
 from structlog.testing import capture_logs
 
 from common.contract import keys, wire
-from common.contract.errors import ErrorCode
+from common.contract.errors import DeadlineExceeded, ErrorCode
 from common.metrics import REGISTRY, http_get
 from common.model.zoo import build_blocks
 from common.settings import Settings
 from common.store.backlog import read_backlog
 from common.store.reaper import Reaper
+from common.store.replies import ReplySender
 from common.store.streams import ensure_group, list_dead_letters
 from services.worker import replica as replica_mod
 from services.worker.control import STOP, Assignment, Task
@@ -35,6 +36,7 @@ from services.worker.feed import Feed
 from services.worker.replica import Replica
 from tests.helpers import until
 from tests.worker_helpers import (
+    CLIENT,
     blob_request,
     live_replicas,
     put,
@@ -253,6 +255,33 @@ async def test_poison_and_malformed_entries(redis: Any, redis_url: str, blocks: 
     dead = await list_dead_letters(redis, S1)
     assert {d.entry_id for d in dead} >= {poison_id} and len(dead) == 2  # the poison and the garbage
     assert (await redis.xpending(S1, keys.WORKER_GROUP))["pending"] == 0
+
+
+async def test_a_dead_letter_of_an_answered_submission_is_not_a_second_answer(
+        redis: Any, redis_url: str, blocks: list[torch.nn.Module]) -> None:
+    """A replica that answered an entry and died before its XACK leaves it pending; once it has been
+    delivered too often it is dead-lettered with an error reply. That reply named the group entry as
+    the submission, not the request's ``graft:ingress`` entry, so the reply ledger took it for a new
+    submission and the client got two answers (seen once in overload-5x: 2,286 duplicates)."""
+    await ensure_group(redis, S1, keys.WORKER_GROUP)
+    answered, _ = request(blocks, "answered", 4, 22)
+    [entry_id] = await put(redis, S1, [answered])
+    await redis.xreadgroup(keys.WORKER_GROUP, "cpu0-resnet18-7", {S1: ">"}, count=1)
+    await redis.xclaim(S1, keys.WORKER_GROUP, "cpu0-resnet18-7", 0, [entry_id], retrycount=5, justid=True)
+    first = wire.Reply.failure("answered", DeadlineExceeded("answered before the crash"))
+    first.source = "answered-src"  # as the replica that died wrote it: the ingress entry it answers
+    await ReplySender(redis).send(CLIENT, first, time.time() + 5.0)
+    async with running(redis_url) as (replica, _run, _control):
+        await until_async(lambda: _pending(redis), 10, "the entry dead-lettered")
+        assert replica.feed is not None and replica.feed.dead_lettered == 1
+    rows = await redis.xrange(keys.reply_stream(CLIENT))
+    answers = [wire.decode_reply(f[keys.FIELD]) for _, f in rows]
+    assert [(a.req_id, a.source) for a in answers] == [("answered", "answered-src")]
+    assert [d.entry_id for d in await list_dead_letters(redis, S1)] == [entry_id]
+
+
+async def _pending(redis: Any) -> bool:
+    return (await redis.xpending(S1, keys.WORKER_GROUP))["pending"] == 0
 
 
 # --------------------------------------------------------------------------------------- recovery

@@ -304,6 +304,14 @@ def peek_ids(raw: Any) -> tuple[str | None, str | None]:
     return (rid if _short_str(rid) else None), (client if _short_str(client) else None)
 
 
+def peek_source(raw: Any) -> str | None:
+    """Best effort: the submission a routed message answers (its ``graft:ingress`` entry id, set by the
+    ingress), so a reply written for it from a group stream — a dead letter, a sweep — is one the reply
+    ledger recognises as an answer to the same submission, whoever answered it first."""
+    source = _peek_fields(raw, frozenset(("source",))).get("source")
+    return source if _short_str(source) else None
+
+
 def peek_blob(raw: Any) -> bool:
     """Best effort: does a message that failed to decode name a blob (so its owner's blob can be freed)?"""
     return _peek_fields(raw, frozenset(("blob",))).get("blob") is not None

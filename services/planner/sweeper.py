@@ -194,7 +194,7 @@ class _StreamSweep:
         if req_id is not None and client is not None:
             exc = error if isinstance(error, GraftError) else InternalError(str(error))
             reply = wire.Reply.failure(req_id, exc, epoch=self.report.epoch, group=self.report.group)
-            reply.source = entry.id
+            reply.source = wire.peek_source(entry.payload) or entry.id  # the submission, as a replica answers it
             await self.s.sender.send(client, reply)
 
 

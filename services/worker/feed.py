@@ -243,7 +243,8 @@ class Feed:
         if req_id is not None and client is not None:
             exc = error if isinstance(error, GraftError) else InternalError(str(error))
             reply = wire.Reply.failure(req_id, exc)
-            reply.source = entry.id
+            # The submission, not this group entry: had a replica answered it before, this is the same answer.
+            reply.source = wire.peek_source(entry.payload) or entry.id
             await self.replier.store.reply([(client, reply)])
             if entry.payload is not None and wire.peek_blob(entry.payload):
                 await self.replier.store.delete([keys.blob(req_id)])

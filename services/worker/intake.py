@@ -108,7 +108,8 @@ class Intake:
             req_id, client = wire.peek_ids(payload) if payload is not None else (None, None)
             if not (admission.sane_id(req_id) and admission.sane_id(client)):
                 req_id = client = None  # nobody to answer: dead-lettered, as the ingress does
-            return Rejection(entry_id, exc, req_id, client, now, payload, stream=stream)
+            return Rejection(entry_id, exc, req_id, client, now, payload,
+                             source=wire.peek_source(payload) if req_id is not None else None, stream=stream)
         source = req.source or entry_id
         try:
             req.tensor = self._check(req)
