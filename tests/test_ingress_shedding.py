@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from common.contract.routing import GroupSpec, PlanView, Serving
 from services.ingress.serving import speed, table_of
-from services.ingress.shedding import REPLY_MARGIN_MS, Backlogs, GroupSpeed, Verdict, decide, speed_factor
+from services.ingress.shedding import (
+    REPLY_MARGIN_MS,
+    Backlogs,
+    DrainMeter,
+    GroupSpeed,
+    Verdict,
+    decide,
+    speed_factor,
+)
 from services.ingress.stats import StatsWindow
 
-# One group, batches 1..8 taking 4 + 2·b ms (an affine batch cost, as measured profiles look).
+# One group, batches 1..8 taking 4 + 2·b ms (an affine batch cost, as measured profiles look); the
+# table alone predicts (headroom 1), the saturated case has its own tests.
 TABLE = tuple(4.0 + 2.0 * b for b in range(1, 9))
-ONE = GroupSpeed(replicas=1, table_ms=TABLE)
-TWO = GroupSpeed(replicas=2, table_ms=TABLE)
+ONE = GroupSpeed(replicas=1, table_ms=TABLE, headroom=1.0)
+TWO = GroupSpeed(replicas=2, table_ms=TABLE, headroom=1.0)
 
 
 def test_latency_follows_the_planned_table_times_the_measured_factor() -> None:
     assert ONE.latency_ms(1) == 6.0 and ONE.latency_ms(8) == 20.0
     assert ONE.latency_ms(2.5) == pytest.approx(9.0)  # linear between sizes
     assert ONE.latency_ms(40) == 20.0  # a batch never exceeds B
-    assert GroupSpeed(1, TABLE, factor=1.5).latency_ms(8) == pytest.approx(30.0)
+    assert GroupSpeed(1, TABLE, factor=1.5, headroom=1.0).latency_ms(8) == pytest.approx(30.0)
 
 
 def test_prediction_counts_full_batches_ahead_and_the_own_batch() -> None:
@@ -62,9 +73,71 @@ def test_retry_after_is_the_excess_and_bounded() -> None:
 
 
 def test_a_slower_host_sheds_earlier() -> None:
-    slow = GroupSpeed(1, TABLE, factor=2.0)
+    slow = GroupSpeed(1, TABLE, factor=2.0, headroom=1.0)
     assert decide(ONE, 16, 60.0).verdict is Verdict.ROUTE
     assert decide(slow, 16, 60.0).verdict is Verdict.SHED
+
+
+def test_a_saturated_group_is_judged_by_its_measured_drain() -> None:
+    """The old policy costed a flat-out group by the table times the compute ratio alone: on a host
+    where the group really finishes 0.2 entries/ms (a round of 8 every 40 ms, not 20), it admitted a
+    queue the replicas could not clear in the budget (overload-5x: 51-62% of admitted in budget)."""
+    measured = GroupSpeed(1, TABLE, drain_per_ms=0.2, headroom=1.0)
+    assert measured.predict_ms(16) == pytest.approx(3 * 8 / 0.2)  # two rounds ahead and its own, at 40 ms
+    assert decide(ONE, 100, 500.0).verdict is Verdict.ROUTE  # the table: 12 rounds of 20 ms
+    assert decide(measured, 100, 500.0).verdict is Verdict.SHED  # the drain: 13 rounds of 40 ms
+    assert measured.drain_rate_per_ms() == 0.2
+    # A drain faster than the table never makes a prediction more optimistic than the table.
+    assert GroupSpeed(1, TABLE, drain_per_ms=100.0, headroom=1.0).predict_ms(16) == ONE.predict_ms(16)
+    # Below saturation (two full batches per replica) the drain is not used.
+    assert measured.predict_ms(15) == ONE.predict_ms(15)
+
+
+def test_a_saturated_group_holds_its_queue_to_part_of_the_budget() -> None:
+    """Under overload the queue settles where admission stops: without a headroom every admitted
+    request sits at the edge of its budget (overload-5x at headroom 1: 51-62% of admitted in budget)."""
+    held = GroupSpeed(1, TABLE, drain_per_ms=0.2, headroom=2.0)
+    assert held.predict_ms(16) == pytest.approx(2 * 120.0)
+    assert decide(held, 40, 500.0).verdict is Verdict.ROUTE  # 6 rounds of 40 ms, twice: 480 ms
+    assert decide(held, 48, 500.0).verdict is Verdict.SHED  # 7 rounds: 560 ms
+    # The retry hint is the real time the queue needs to shrink to where admission resumes.
+    assert decide(held, 48, 500.0).retry_after_ms == math.ceil((560.0 + REPLY_MARGIN_MS - 500.0) / 2)
+    # Saturated but not measured yet (the first sample takes a while): the table, with the headroom.
+    assert GroupSpeed(1, TABLE, headroom=2.0).predict_ms(16) == pytest.approx(2 * ONE.predict_ms(16))
+    assert GroupSpeed(1, TABLE, headroom=2.0).predict_ms(15) == ONE.predict_ms(15)  # not saturated
+
+
+def test_the_drain_is_measured_only_while_saturated() -> None:
+    m = DrainMeter(sample_ms=100.0, alpha=0.5, forget_ms=1_000.0)
+    s = "graft:g:1:g0"
+    m.update(s, backlog=40, acked=0, saturated_at=16, now_ms=0.0)
+    assert m.per_ms(s, 0.0) is None  # a stretch needs one sample first
+    m.update(s, backlog=40, acked=5, saturated_at=16, now_ms=50.0)
+    assert m.per_ms(s, 50.0) is None  # shorter than a sample
+    m.update(s, backlog=40, acked=20, saturated_at=16, now_ms=100.0)
+    assert m.per_ms(s, 100.0) == pytest.approx(0.2)
+    m.update(s, backlog=40, acked=60, saturated_at=16, now_ms=200.0)
+    assert m.per_ms(s, 200.0) == pytest.approx(0.5 * 0.2 + 0.5 * 0.4)  # smoothed
+    assert m.per_ms(s, 1_300.0) is None  # stale
+    # Below saturation the ack rate is the arrival rate, not the capacity: the stretch ends.
+    m.update(s, backlog=15, acked=70, saturated_at=16, now_ms=300.0)
+    assert m.per_ms(s, 300.0) is None
+    for t, acked in ((400.0, 80), (500.0, 90)):
+        m.update(s, backlog=16, acked=acked, saturated_at=16, now_ms=t)
+    assert m.per_ms(s, 500.0) == pytest.approx(0.1)  # a new stretch, measured afresh
+    m.update(s, backlog=16, acked=3, saturated_at=16, now_ms=600.0)  # the group was re-created
+    assert m.per_ms(s, 600.0) is None
+    m.update(s, backlog=99, acked=None, saturated_at=16, now_ms=700.0)  # Redis < 7.0: no counter
+    assert m.per_ms(s, 700.0) is None
+
+
+def test_a_plan_switch_forgets_retired_streams() -> None:
+    m = DrainMeter(sample_ms=10.0)
+    for stream in ("old", "kept"):
+        m.update(stream, backlog=50, acked=0, saturated_at=8, now_ms=0.0)
+        m.update(stream, backlog=50, acked=10, saturated_at=8, now_ms=10.0)
+    m.forget(["kept", "new"])
+    assert m.per_ms("old", 10.0) is None and m.per_ms("kept", 10.0) == pytest.approx(1.0)
 
 
 def test_speed_factor_is_the_median_ratio_over_the_plans_scale() -> None:

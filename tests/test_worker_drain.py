@@ -15,7 +15,7 @@ import pytest
 
 from common.contract import keys
 from common.settings import Settings
-from common.store.backlog import Backlog, ingresses_past, is_drained, read_backlog
+from common.store.backlog import Backlog, Polled, ingresses_past, is_drained, poll_backlogs, read_backlog
 from common.store.plan_store import publish_plan
 from common.store.streams import ensure_group
 from services.worker import agent as agent_mod
@@ -70,6 +70,19 @@ async def test_backlog_of_a_real_stream(redis: Any) -> None:
     await redis.xack(stream, keys.WORKER_GROUP, *ids)
     got = await read_backlog(redis, stream)
     assert got is not None and got.total == 0
+
+
+async def test_a_poll_counts_what_the_group_finished(redis: Any) -> None:
+    stream = keys.group_stream(1, "g1")
+    await ensure_group(redis, stream, keys.WORKER_GROUP)
+    ids = [await redis.xadd(stream, {keys.FIELD: b"x"}) for _ in range(5)]
+    await redis.xreadgroup(keys.WORKER_GROUP, "c", {stream: ">"}, count=3)
+    await redis.xack(stream, keys.WORKER_GROUP, ids[0])
+    polled = await poll_backlogs(redis, {"g1": stream, "gone": keys.group_stream(1, "never")})
+    assert polled["g1"].backlog == 4  # two undelivered, two pending
+    major = int(str((await redis.info("server"))["redis_version"]).split(".")[0])
+    assert polled["g1"].acked == (1 if major >= 7 else None)  # entries-read exists from Redis 7.0
+    assert polled["gone"] == Polled(0, None)
 
 
 # ------------------------------------------------------------------------------------------- agent

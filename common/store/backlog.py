@@ -4,7 +4,9 @@ The backlog of a group is what its replicas have not finished: entries not yet d
 worker consumer group (``lag``) plus entries delivered and not acked (``pending``), both from one
 XINFO GROUPS per stream, all streams in one pipelined round trip (``poll_backlogs``). Redis before
 7.0, or a stream with entries deleted inside the unread range, reports no ``lag``: then
-``last-delivered-id`` against ``last-generated-id`` says whether anything is undelivered.
+``last-delivered-id`` against ``last-generated-id`` says whether anything is undelivered. The same
+reply gives how many entries the group has finished so far (``entries-read − pending``, Redis ≥ 7.0):
+admission measures a saturated group's real drain rate from it.
 
 A retired stream (an older epoch's) is *drained* when nothing in it is undelivered or pending and no
 entry was added for ``quiet_s`` (Redis clock), and every live ingress routes by a newer epoch
@@ -64,8 +66,26 @@ def backlog_of(groups: Any, length: Any, group: str = keys.WORKER_GROUP) -> int:
     return int(length) if isinstance(length, int) else 0
 
 
-async def poll_backlogs(r: Client, streams: Mapping[str, str]) -> dict[str, int]:
-    """``{gid: backlog}`` for ``{gid: stream}`` in one round trip."""
+def acked_of(groups: Any, group: str = keys.WORKER_GROUP) -> int | None:
+    """Entries the group has acknowledged so far (read minus pending) from an XINFO GROUPS reply; None
+    when Redis does not say (before 7.0, or ``entries-read`` unknown after an XGROUP SETID)."""
+    if isinstance(groups, Exception) or groups is None:
+        return None
+    for info in groups:
+        if _sid(info.get("name")) == group:
+            read = info.get("entries-read")
+            return max(0, int(read) - int(info.get("pending") or 0)) if isinstance(read, int) else None
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Polled:
+    backlog: int  # undelivered + pending
+    acked: int | None  # acknowledged so far (a counter: its rate is the group's drain), None if unknown
+
+
+async def poll_backlogs(r: Client, streams: Mapping[str, str]) -> dict[str, Polled]:
+    """``{gid: Polled}`` for ``{gid: stream}`` in one round trip."""
     if not streams:
         return {}
     gids = list(streams)
@@ -74,7 +94,7 @@ async def poll_backlogs(r: Client, streams: Mapping[str, str]) -> dict[str, int]
             pipe.xinfo_groups(streams[gid])
             pipe.xlen(streams[gid])
         res = await pipe.execute(raise_on_error=False)
-    return {gid: backlog_of(res[2 * i], res[2 * i + 1]) for i, gid in enumerate(gids)}
+    return {gid: Polled(backlog_of(res[2 * i], res[2 * i + 1]), acked_of(res[2 * i])) for i, gid in enumerate(gids)}
 
 
 async def read_backlog(r: Client, stream: str, group: str = keys.WORKER_GROUP) -> Backlog | None:

@@ -17,7 +17,8 @@ passed before it was read is answered ``DEADLINE_EXCEEDED`` at once.
 replica registry, ``serving.py``); when a group has none, its requests go to another live group of
 the model, and with no live replica of the model at all they are answered ``OVERLOADED``.
 **Admission** (``shedding.py``) refuses only what cannot finish in time, from the stream's backlog
-(polled every ``shed_interval_s``, completions included) and the replicas' measured speed.
+(polled every ``shed_interval_s``, completions included) and the replicas' measured speed — for a
+saturated group, the rate at which it really acknowledges entries.
 
 A newer plan is switched to before the next batch once every group stream of it has a live reader
 (make-before-break; with re-targeted replica processes that takes milliseconds), or after
@@ -54,7 +55,7 @@ from common.store.registry import Registry
 from common.store.streams import Entry, StreamConsumer, ensure_group, safe_trim
 from services.ingress.batch import Batch, Outcome
 from services.ingress.serving import speed
-from services.ingress.shedding import Backlogs, Verdict, decide
+from services.ingress.shedding import Backlogs, DrainMeter, Verdict, decide, saturated_backlog
 from services.ingress.stats import StatsWindow
 from services.ingress.validate import Limits, ModelCatalog, Validator, answerable_ids, blob_error
 
@@ -113,6 +114,7 @@ class IngressService:
         self._waiting_since = 0.0
         self._in_batch = 0
         self.backlogs = Backlogs()
+        self.drains = DrainMeter()
         self.serving = Serving()
         self.stats = StatsWindow(self.name, time.time())
         self.status: Status = status if status is not None else {}
@@ -134,6 +136,7 @@ class IngressService:
         self.catalog.serve(view.models, plan_shapes(view.raw))
         self.view = view
         self.backlogs.update({})  # group ids may repeat across epochs, their streams do not
+        self.drains.forget(view.streams().values())
         PLAN_EPOCH.labels(service=SERVICE).set(view.epoch)
         logs.bind(epoch=view.epoch)
         self.status.update(epoch=view.epoch, waiting_epoch=None)
@@ -285,7 +288,7 @@ class IngressService:
 
     def _admit(self, view: PlanView, gid: str, req: wire.Request, left_ms: float) -> None:
         spec = view.groups[gid]
-        group = speed(view, spec, self.serving)
+        group = speed(view, spec, self.serving, self.drains.per_ms(view.stream(gid), time.monotonic() * 1000.0))
         backlog = self.backlogs.backlog(gid)
         decision = decide(group, backlog, left_ms, max_retry_ms=int(self.settings.max_slo_ms))
         if decision.verdict is Verdict.HOPELESS:
@@ -385,10 +388,16 @@ class IngressService:
         if view is None or not self.shedding:
             return
         mark = self.backlogs.mark()
-        polled = await poll_backlogs(self.r, view.streams())
-        self.backlogs.update(polled, since=mark)
-        for gid, n in polled.items():
-            QUEUE_LAG.labels(group=gid).set(n)
+        streams = view.streams()
+        polled = await poll_backlogs(self.r, streams)
+        self.backlogs.update({gid: p.backlog for gid, p in polled.items()}, since=mark)
+        now_ms = time.monotonic() * 1000.0
+        for gid, p in polled.items():
+            QUEUE_LAG.labels(group=gid).set(p.backlog)
+            spec = view.groups.get(gid)
+            if spec is not None:
+                full = saturated_backlog(spec.batch, self.serving.live(streams[gid]))
+                self.drains.update(streams[gid], p.backlog, p.acked, saturated_at=full, now_ms=now_ms)
 
     async def poll_serving(self) -> None:
         self.serving = serving_from((await self.replicas.live()).values())

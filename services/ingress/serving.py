@@ -14,7 +14,9 @@ def table_of(spec: GroupSpec) -> tuple[float, ...]:
     return tuple(full * b / spec.batch for b in range(1, spec.batch + 1))
 
 
-def speed(view: PlanView, spec: GroupSpec, serving: Serving) -> GroupSpeed:
+def speed(view: PlanView, spec: GroupSpec, serving: Serving, drain_per_ms: float | None = None) -> GroupSpeed:
+    """``drain_per_ms``: the group's measured drain while saturated (``DrainMeter``), None if it is not."""
     stream = view.stream(spec.id)
     scale = view.latency_scale.get(spec.model, 1.0)
-    return GroupSpeed(serving.live(stream), table_of(spec), speed_factor(serving.ratios.get(stream, []), scale))
+    return GroupSpeed(serving.live(stream), table_of(spec), speed_factor(serving.ratios.get(stream, []), scale),
+                      drain_per_ms)
