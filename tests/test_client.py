@@ -22,6 +22,7 @@ from common.contract import keys, wire
 from common.contract.errors import BadCut, BadTensor, DeadlineExceeded, Overloaded
 from common.model.zoo import describe
 from common.settings import Settings
+from common.store.cluster import connection_kwargs
 from common.store.plan_store import publish_plan
 from common.store.replies import ReplySender
 from common.store.streams import ensure_group
@@ -116,6 +117,8 @@ async def test_submit_returns_the_result(client: GraftClient) -> None:
     assert rep.ok and rep.epoch == 1 and rep.group == "all" and rep.server_ms == 1.5 and rep.batch is not None
     assert rep.tensor is not None and rep.tensor[0] == pytest.approx(float(np.prod(SHAPE)))
     assert client.in_flight == 0
+    # A submit whose XADD timed out fails to its caller; redis-py never re-sends it (tests/test_store.py).
+    assert connection_kwargs(client._conn)["retry"]._retries == 0
 
 
 async def test_error_replies_raise_typed_errors(client: GraftClient) -> None:

@@ -4,13 +4,16 @@ keeps the rules the real one keeps (``common.store.protocol``)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import re
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common.contract import keys, wire
 from common.contract.errors import InternalError, Overloaded, StoreUnavailable
@@ -212,3 +215,41 @@ async def test_an_unreachable_store_raises_our_error_and_nothing_else(kind: str)
     finally:
         if r is not None:
             await r.aclose()
+
+
+async def test_a_producer_connection_never_resends_a_timed_out_xadd() -> None:
+    """redis-py re-sends a command after a timeout when the client has a retry policy: an XADD that
+    timed out may have landed, so a producer's re-send is a second submission with its own answer (at
+    5x overload the fault suite's generator got 11,794 requests answered twice that way). Services keep
+    their retries (their writes repeat safely); producers (the SDK, the fault suite's loads) get none."""
+    received: list[bytes] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answers the connection's handshake (HELLO, PING, CLIENT ...), never an XADD."""
+        while data := await reader.read(65536):
+            received.append(data)
+            for name in re.findall(rb"\*\d+\r\n\$\d+\r\n([A-Za-z]+)\r\n", data):
+                if name.upper() == b"HELLO":
+                    writer.write(b"%1\r\n$5\r\nproto\r\n:3\r\n")
+                elif name.upper() == b"PING":
+                    writer.write(b"+PONG\r\n")
+                elif name.upper() != b"XADD":
+                    writer.write(b"+OK\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = Settings(redis_url=f"redis://127.0.0.1:{port}", socket_timeout_s=0.2, block_ms=50)
+    try:
+        for retries, sends in ((3, 4), (0, 1)):
+            received.clear()
+            r = connect(settings.redis_url, settings=settings, retries=retries)
+            with pytest.raises(RedisTimeoutError):
+                await r.xadd("graft:ingress", {"m": b"request"})
+            await r.aclose()
+            await asyncio.sleep(0.05)
+            assert b"".join(received).count(b"XADD") == sends
+    finally:
+        server.close()
+        await server.wait_closed()

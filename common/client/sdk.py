@@ -133,7 +133,10 @@ class GraftClient:
             raise ClientClosed("this GraftClient was closed")
         if self._redis is None:
             assert self._url is not None
-            self._redis = connect(self._url, settings=self.settings, client_name=f"graft-{self.client_id}")
+            # No silent re-send: a submit whose XADD timed out fails, and the caller decides (a retry is a
+            # new submission with its own answer, see common/store/replies.py).
+            self._redis = connect(self._url, settings=self.settings, client_name=f"graft-{self.client_id}",
+                                  retries=0)
         else:
             if connection_kwargs(self._redis).get("decode_responses"):
                 raise ValueError("GraftClient needs a redis client with decode_responses=False (tensors are bytes)")

@@ -86,22 +86,30 @@ def _read_streams(command: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return ()
 
 
-def client_options(settings: Settings, client_name: str | None = None) -> dict[str, Any]:
+def client_options(settings: Settings, client_name: str | None = None, *, retries: int = 3) -> dict[str, Any]:
     """What every Graft client is made with, a single Redis's or a cluster's: bytes in and out, the
-    socket timeouts, health checks, and a retry policy for connection errors and timeouts only."""
+    socket timeouts, health checks, and a retry policy for connection errors and timeouts only.
+
+    ``retries=0`` for a *producer* (the SDK, a load generator): redis-py re-sends the whole command
+    after a timeout, and an XADD that timed out may have landed — sent again it is a second submission
+    of the request, with its own answer (the fault suite's generator, at 5× overload with Redis stalled
+    past the 5 s timeout, got 11,794 requests answered twice that way). A producer learns of the
+    timeout instead, and decides. The services' writes are safe to repeat (the reply ledger answers a
+    submission once; acks and group entries of a submission are idempotent by its source)."""
     s = settings
     return {"decode_responses": False, "socket_timeout": s.socket_timeout_s,
             "socket_connect_timeout": s.socket_timeout_s,
             "health_check_interval": max(1, int(s.socket_timeout_s * 2)),
-            "retry": Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=3,
+            "retry": Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=retries,
                            supported_errors=(RedisConnectionError, RedisTimeoutError)),
             "client_name": client_name}
 
 
-def connect_cluster(url: str, *, settings: Settings, client_name: str | None = None) -> GraftRedisCluster:
+def connect_cluster(url: str, *, settings: Settings, client_name: str | None = None,
+                    retries: int = 3) -> GraftRedisCluster:
     """A cluster client from any node's URL, with ``connection.connect``'s timeouts and retry policy."""
     client: GraftRedisCluster = GraftRedisCluster.from_url(  # type: ignore[assignment]  # from_url: cls(...)
-        url, **client_options(settings, client_name))
+        url, **client_options(settings, client_name, retries=retries))
     return client
 
 

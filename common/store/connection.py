@@ -34,17 +34,19 @@ TRANSIENT: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutErro
 REDIS_DOWN: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, *_CLUSTER_DOWN, StoreUnavailable)
 
 
-def connect(url: str, *, settings: Settings | None = None, client_name: str | None = None) -> Client:
+def connect(url: str, *, settings: Settings | None = None, client_name: str | None = None,
+            retries: int = 3) -> Client:
     """An asyncio client with the timeouts, health checks and retries every Graft service uses: a
-    ``RedisCluster`` when ``settings.redis_mode`` is ``cluster`` (``url``: any node), else a ``Redis``."""
+    ``RedisCluster`` when ``settings.redis_mode`` is ``cluster`` (``url``: any node), else a ``Redis``.
+    ``retries=0`` for producers, whose XADD must not be re-sent behind their back (``client_options``)."""
     s = settings if settings is not None else Settings.from_env()
     if s.redis_mode == "cluster":
-        return connect_cluster(url, settings=s, client_name=client_name)
+        return connect_cluster(url, settings=s, client_name=client_name, retries=retries)
     # socket_timeout must exceed the BLOCK of blocking reads (Settings enforces block_ms < timeout):
     # a read still blocked server-side when the socket times out raises TimeoutError, and with a retry
     # policy redis-py then re-sends the XREADGROUP silently — the entries the first call delivered
     # land in our PEL unseen, and every idle read turns into a disconnect/reconnect cycle.
-    client: Redis = Redis.from_url(url, **client_options(s, client_name))
+    client: Redis = Redis.from_url(url, **client_options(s, client_name, retries=retries))
     return client
 
 

@@ -86,6 +86,7 @@ class Live:
         self.acct = Accountant()
         self.system: System | None = None
         self._r: Client | None = None
+        self._producer: Client | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._agents: dict[str, tuple[int, int]] = {}  # agent name → (restarts, takeovers), last seen
@@ -109,6 +110,9 @@ class Live:
                                     for k in range(self.extra_ingresses)], log_dir=self.log_dir)
             await self.more.start()
         self._r = connect(self.system.redis_url, settings=self.settings)
+        # The loads' own: a producer's XADD is never re-sent by redis-py after a timeout (that would be
+        # a second submission of each request in it, answered on its own: counted as duplicated).
+        self._producer = connect(self.system.redis_url, settings=self.settings, client_name="fx-producer", retries=0)
         self._tasks = [asyncio.create_task(self.census.watch(self._stop)),
                        asyncio.create_task(self.acct.tail(self.r, self._stop)),
                        asyncio.create_task(self._watch_agents())]
@@ -140,6 +144,13 @@ class Live:
             raise RuntimeError("Live is not started: use `async with Live(...)`")
         return self._r
 
+    @property
+    def producer(self) -> Client:
+        """The connection loads send through (no automatic re-send of a timed-out XADD)."""
+        if self._producer is None:
+            raise RuntimeError("Live is not started: use `async with Live(...)`")
+        return self._producer
+
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
@@ -156,9 +167,10 @@ class Live:
         self.census.poll()
         self._stop.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._r is not None:
-            with contextlib.suppress(Exception):
-                await self._r.aclose()
+        for client in (self._r, self._producer):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
         if self.more is not None:
             await self.more.stop()
         await self.system.stop()

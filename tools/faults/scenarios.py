@@ -65,7 +65,7 @@ Fault = Callable[[Live, Load], Awaitable[dict[str, Any]]]
 async def under_load(live: Live, name: str, fault: Fault, *, rate: float = RATE, budget_ms: float = BUDGET_MS,
                      max_s: float = 900.0, seed: int = 1, clients: int = 4) -> dict[str, Any]:
     """Steady load from ``clients`` clients while ``fault`` runs; then wait out the budgets and collect."""
-    load = await Load(live.r, live.acct, clients=[f"fx-{name}-{k}" for k in range(clients)],
+    load = await Load(live.producer, live.acct, clients=[f"fx-{name}-{k}" for k in range(clients)],
                       resolution=RESOLUTION, seed=seed).start()
     stop = asyncio.Event()
     sending = asyncio.create_task(load.run(steady(mix(budget_ms), rate, max_s, seed), stop=stop, prefix=name))

@@ -126,13 +126,13 @@ async def overload(ctx: Ctx) -> Result:
         assert held is not None
         # Enough outstanding that every replica always has a full batch queued behind the one it runs.
         outstanding = max(8, 3 * sum(g.batch * g.replicas for g in held.groups.values()))
-        cap_load = await Load(live.r, live.acct, clients=["fx-cap-0", "fx-cap-1"], resolution=RESOLUTION).start()
+        cap_load = await Load(live.producer, live.acct, clients=["fx-cap-0", "fx-cap-1"], resolution=RESOLUTION).start()
         await closed_loop(cap_load, live.acct, cls, concurrency=outstanding, duration_s=2.0, prefix="warm")
         ok, secs = await closed_loop(cap_load, live.acct, cls, concurrency=outstanding, duration_s=cap_s, prefix="cap")
         capacity = ok / secs
         ctx.say(f"  {name}: measured capacity {capacity:.0f} req/s")
         await asyncio.sleep(1.0)
-        load = await Load(live.r, live.acct, clients=[f"fx-over-{k}" for k in range(4)], resolution=RESOLUTION).start()
+        load = await Load(live.producer, live.acct, clients=[f"fx-over-{k}" for k in range(4)], resolution=RESOLUTION).start()
         t0 = time.time()
         ids = await load.run(steady([cls], 5.0 * capacity, over_s, seed=7), prefix="over")
         await settle(live, budget)
@@ -166,9 +166,9 @@ async def mixed_budgets(ctx: Ctx) -> Result:
 
     async def body(live: Live) -> dict[str, Any]:
         e0 = (await load_plan(live.r)).epoch  # type: ignore[union-attr]
-        relaxed = await Load(live.r, live.acct, clients=[f"fx-relaxed-{k}" for k in range(3)],
+        relaxed = await Load(live.producer, live.acct, clients=[f"fx-relaxed-{k}" for k in range(3)],
                              resolution=RESOLUTION, seed=3).start()
-        tight = await Load(live.r, live.acct, clients=["fx-tight-0"], resolution=RESOLUTION, seed=4).start()
+        tight = await Load(live.producer, live.acct, clients=["fx-tight-0"], resolution=RESOLUTION, seed=4).start()
         stop = asyncio.Event()
         tasks = [asyncio.create_task(relaxed.run(steady([RequestClass(MODEL, 0, 500.0)], 30.0, dur, 5),
                                                  stop=stop, prefix="relaxed")),
