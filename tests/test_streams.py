@@ -277,3 +277,32 @@ async def test_consumer_loop_survives_a_redis_restart() -> None:
 
 async def _no_pending(r: Redis) -> bool:
     return int((await r.xpending(S, G))["pending"]) == 0
+
+
+async def test_finished_entries_are_trimmed_a_second_after_and_owed_ones_never(redis: Redis) -> None:
+    """The old trim kept every entry for the longest SLO (60 s): a minute of traffic in Redis, ~120 MB
+    a second of growth at 5x overload. Now what every group finished goes about a second later; what a
+    group has not read, or read and not acked, stays whatever its age."""
+    s, group = "graft:test:trim-finished", "workers"
+    await streams.ensure_group(redis, s, group, "0")
+    secs, _ = await redis.time()
+    t = (int(secs) - 5) * 1000  # 5 s ago: finished long enough, far younger than any SLO limit
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(1_000):
+            pipe.xadd(s, {keys.FIELD: b"x" * 64}, id=f"{t}-{i}")
+        await pipe.execute()
+    delivered = await redis.xreadgroup(group, "c", {s: ">"}, count=600)
+    ids = [i for i, _ in delivered[0][1]]
+    await redis.xack(s, group, *ids[:500])  # 500 finished, 100 pending, 400 never read
+    removed = await streams.safe_trim(redis, s)
+    assert 400 <= removed <= 500  # approximate: whole nodes, never past the oldest pending entry
+    rest = [i.decode() for i, _ in await redis.xrange(s)]
+    assert f"{t}-500" in rest and f"{t}-999" in rest and len(rest) == 1_000 - removed
+    assert (await redis.xpending(s, group))["pending"] == 100
+    # Entries younger than the keep time stay even when finished.
+    fresh = [await redis.xadd(s, {keys.FIELD: b"y"}) for _ in range(3)]
+    await redis.xreadgroup(group, "c", {s: ">"})
+    await redis.xack(s, group, *ids[500:], *[i for i, _ in (await redis.xrange(s, min=f"{t}-600", max=f"{t}-999"))])
+    await redis.xack(s, group, *fresh)
+    await streams.safe_trim(redis, s)
+    assert [i for i, _ in await redis.xrange(s, min=fresh[0])] == fresh

@@ -89,7 +89,7 @@ class IngressService:
         self, r: Client, settings: Settings, *, name: str = "ingress", count: int = READ_COUNT,
         block_ms: int | None = None,
         plan_interval_s: float = 0.1, shed_interval_s: float = 0.025, serving_interval_s: float = 0.2,
-        stats_interval_s: float = 1.0, trim_interval_s: float = 5.0, shedding: bool = True,
+        stats_interval_s: float = 1.0, trim_interval_s: float = 1.0, shedding: bool = True,
         switch_timeout_s: float | None = None, blob_margin_ms: float = BLOB_MARGIN_MS,
         status: Status | None = None, store: Store | None = None,
     ) -> None:
@@ -409,7 +409,7 @@ class IngressService:
 
     async def trim_ingress(self) -> None:
         for stream in self.shards:
-            await safe_trim(self.r, stream, max_age_ms=self.settings.max_slo_ms)
+            await safe_trim(self.r, stream)  # what every reader finished, a second after
 
     # ------------------------------------------------------------------------------------- running
 

@@ -44,7 +44,7 @@ from services.worker.replying import Replier
 
 log = structlog.get_logger("worker.feed")
 
-TRIM_EVERY_S = 30.0
+TRIM_EVERY_S = 2.0  # finished entries go a second or two after their ack (streams.FINISHED_KEEP_MS)
 
 
 @dataclass
@@ -283,4 +283,4 @@ class Feed:
             await reader.reaper.reap_once()
             if time.monotonic() - reader.trimmed_at >= TRIM_EVERY_S:
                 reader.trimmed_at = time.monotonic()
-                await safe_trim(self._r, stream, max_age_ms=self._max_slo_ms)
+                await safe_trim(self._r, stream)
