@@ -62,7 +62,7 @@ def entry(info: ModelInfo, req_id: str, cut: int = 0, *, budget_ms: float = 10_0
 async def feed_of(r: Any, info: ModelInfo, runner: Any, *, max_batch: int) -> AsyncIterator[tuple[Feed, BatchLoop]]:
     replier = Replier(RedisStore(r))
     loop = BatchLoop(runner, LatencyModel(info.n_blocks, prior_ms=5.0), replier, max_batch=max_batch)
-    feed = Feed(r, loop, Intake(info), replier, block_ms=50, max_deliveries=3, max_slo_ms=60_000,
+    feed = Feed(r, loop, Intake(info), replier, block_ms=50, max_deliveries=3,
                 stream_maxlen=10_000, min_idle_ms=lambda: 500)
     stop = asyncio.Event()
     run = asyncio.create_task(loop.run(stop))

@@ -51,7 +51,7 @@ async def serve(store: MemoryStore, *payloads: bytes, max_batch: int = 4) -> tup
     runner = Zeros()
     replier = Replier(store)
     loop = BatchLoop(runner, LatencyModel(INFO.n_blocks, prior_ms=5.0), replier, max_batch=max_batch)
-    feed = Feed(NoRedis(), loop, Intake(INFO), replier, block_ms=50, max_deliveries=3, max_slo_ms=60_000,
+    feed = Feed(NoRedis(), loop, Intake(INFO), replier, block_ms=50, max_deliveries=3,
                 stream_maxlen=10_000, min_idle_ms=lambda: 500)
     ids = [store.add(STREAM, p) for p in payloads]
     stop = asyncio.Event()
@@ -98,7 +98,7 @@ async def test_replies_wait_out_a_store_outage_and_are_written_once() -> None:
     runner = Zeros()
     replier = Replier(store)
     loop = BatchLoop(runner, LatencyModel(INFO.n_blocks, prior_ms=5.0), replier, max_batch=4)
-    feed = Feed(NoRedis(), loop, Intake(INFO), replier, block_ms=50, max_deliveries=3, max_slo_ms=60_000,
+    feed = Feed(NoRedis(), loop, Intake(INFO), replier, block_ms=50, max_deliveries=3,
                 stream_maxlen=10_000, min_idle_ms=lambda: 500)
     store.add(STREAM, payload("a"))
     await feed.admit(store.deliver(STREAM, keys.WORKER_GROUP), STREAM)

@@ -58,7 +58,7 @@ class _Reader:
 
 class Feed:
     def __init__(self, r: Client, loop: BatchLoop, intake: Intake, replier: Replier, *, block_ms: int,
-                 max_deliveries: int, max_slo_ms: float, stream_maxlen: int,
+                 max_deliveries: int, stream_maxlen: int,
                  min_idle_ms: Callable[[], int], reap_interval_s: float = 0.2,
                  on_reader_done: Callable[[asyncio.Task[None]], None] | None = None) -> None:
         self._r = r
@@ -67,7 +67,7 @@ class Feed:
         self._on_reader_done = on_reader_done
         self.loop, self.intake, self.replier = loop, intake, replier
         self._block_ms, self._max_deliveries = block_ms, max_deliveries
-        self._max_slo_ms, self._stream_maxlen = max_slo_ms, stream_maxlen
+        self._stream_maxlen = stream_maxlen
         self._min_idle_ms = min_idle_ms
         self.reap_interval_s = reap_interval_s
         self.consumer: str | None = None

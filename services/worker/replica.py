@@ -219,7 +219,7 @@ class Replica:
         replier = Replier(RedisStore(r))
         self.loop = BatchLoop(runner, latency, replier, max_batch=1, eager=self.settings.batching == "eager")
         self.feed = Feed(r, self.loop, intake, replier, block_ms=self.settings.block_ms,
-                         max_deliveries=self.settings.max_deliveries, max_slo_ms=self.settings.max_slo_ms,
+                         max_deliveries=self.settings.max_deliveries,
                          stream_maxlen=self.settings.stream_maxlen, min_idle_ms=self._min_idle_ms,
                          on_reader_done=self._helper_done)
 

@@ -32,7 +32,7 @@ async def test_unreadable_entries_of_one_read_are_dead_lettered_together_and_rea
     info = describe("resnet18", 32)
     replier = Replier(RedisStore(redis))
     loop = BatchLoop(NoRunner(), LatencyModel(info.n_blocks, prior_ms=5.0), replier, max_batch=4)
-    feed = Feed(redis, loop, Intake(info), replier, block_ms=50, max_deliveries=3, max_slo_ms=60_000,
+    feed = Feed(redis, loop, Intake(info), replier, block_ms=50, max_deliveries=3,
                 stream_maxlen=10_000, min_idle_ms=lambda: 500)
     feed.consumer = "c"
     await ensure_group(redis, STREAM, keys.WORKER_GROUP, "0")
