@@ -264,6 +264,11 @@ async def test_one_ingress_reads_every_shard_and_acks_each_entry_on_its_own(rc: 
         async def routed() -> bool:
             return sum([await rc.xlen(keys.group_stream(1, g)) for g in ("g0", "g1")]) == 15
         await until_true(routed, 10, "every valid request routed")
+
+        async def all_read() -> bool:  # pending 0 alone also holds before the bad entries are read at all
+            reads = [(await rc.xinfo_groups(keys.ingress_stream(k)))[0]["entries-read"] for k in range(3)]
+            return reads == [5, 6, 6]
+        await until_true(all_read, 10, "every shard's entries read")
         await until_true(lambda: _pending_zero(rc, 3), 10, "every shard's entries acked")
         rows = await rc.xrange(keys.reply_stream(clients[1]))
         assert [wire.decode_reply(f[keys.FIELD]).error.code for _, f in rows] == [str(ErrorCode.UNKNOWN_MODEL)]
