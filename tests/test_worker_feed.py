@@ -131,3 +131,23 @@ async def test_reads_exactly_the_assigned_streams(redis: Any, info: ModelInfo) -
         assert backlog is not None and backlog.undelivered == 1
         feed.assign(None, [])  # standby: reads nothing, owns nothing
         assert feed.streams == [] and feed.consumer is None
+
+
+async def test_equal_entry_ids_on_two_streams_are_two_jobs(redis: Any, info: ModelInfo) -> None:
+    """Entry ids are unique per stream only: a replica draining a retired stream beside its own sees equal
+    ids on both whenever the two were fed in the same millisecond (a fresh-clone CI run lost one so, the
+    second taken for a re-read of the first while the first waited for its batch)."""
+    gate = Gate()  # closed: the first entry is still held when the second is read
+    async with feed_of(redis, info, gate, max_batch=1) as (feed, loop):
+        loop.read_ahead = True  # read while a batch runs, as a group's sole replica does
+        for stream in (S1, S2):
+            await ensure_group(redis, stream, keys.WORKER_GROUP)
+        await redis.xadd(S1, {keys.FIELD: entry(info, "a")}, id="5-0")
+        await redis.xadd(S2, {keys.FIELD: entry(info, "b")}, id="5-0")
+        feed.assign("cpu0-resnet18-0", [S1, S2])
+        await until(lambda: loop.size == 2, 5, "both entries held")
+        gate.open.set()
+        got = await replies(redis, 2)
+    assert got["a"].ok and got["b"].ok
+    for stream in (S1, S2):
+        assert (await redis.xpending(stream, keys.WORKER_GROUP))["pending"] == 0

@@ -19,7 +19,7 @@ from common.model.zoo import ModelInfo, build_blocks, describe
 from common.profiles import make_profile
 from common.settings import Settings
 from services.worker import loop as loop_mod
-from services.worker.intake import Intake, Job, Rejection
+from services.worker.intake import Intake, Job, Rejection, job_key
 from services.worker.latency import LatencyModel, latency_model, load_profile_model, work_units
 from services.worker.loop import BatchLoop, Done
 from tests.helpers import until
@@ -94,7 +94,7 @@ def test_intake_rejects_what_the_runner_cannot_take(blocks: list[torch.nn.Module
     intake = Intake(info)
     good, _ = request(blocks, MODEL, "ok", 8, 1, res=RES)
     job = intake.admit("1-0", good, stream=STREAM)
-    assert isinstance(job, Job) and job.pending.cut == 8 and job.pending.req_id == "1-0"
+    assert isinstance(job, Job) and job.pending.cut == 8 and job.entry_id == "1-0" and job.key == job_key(STREAM, "1-0")
     assert (job.epoch, job.group, job.stream, job.request.source) == (3, "g0", STREAM, "ok-src")
     low, _ = request(blocks, MODEL, "low", 0, 1, res=RES)  # any cut of the model runs: a replica holds it all
     assert isinstance(intake.admit("2-0", low), Job)

@@ -38,7 +38,7 @@ from common.store.connection import TRANSIENT, Backoff, Client
 from common.store.protocol import Letter
 from common.store.reaper import Reaper
 from common.store.streams import Entry, StreamConsumer, safe_trim
-from services.worker.intake import Intake, Job, Rejection
+from services.worker.intake import Intake, Job, Rejection, job_key
 from services.worker.loop import BatchLoop, Done
 from services.worker.replying import Replier
 
@@ -163,7 +163,7 @@ class Feed:
         expired: list[Job] = []
         ready: list[Job] = []
         for entry in entries:
-            if self.loop.holds(entry.id):
+            if self.loop.holds(job_key(stream, entry.id)):
                 continue
             got = self.intake.admit(entry.id, entry.payload, now=now, deliveries=entry.deliveries, stream=stream)
             if isinstance(got, Rejection):
@@ -229,7 +229,7 @@ class Feed:
             self._count_dead(rej.stream)
 
     async def _on_claimed(self, entries: list[Entry], stream: str) -> None:
-        fresh = [e for e in entries if not self.loop.holds(e.id)]
+        fresh = [e for e in entries if not self.loop.holds(job_key(stream, e.id))]
         if fresh:
             self.reclaimed += len(fresh)
             RECLAIMED.labels(group=self.loop.group).inc(len(fresh))

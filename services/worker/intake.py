@@ -34,8 +34,10 @@ from common.model.zoo import ModelInfo
 class Job:
     """One admitted request: its stream entry, the decoded request, and its place in the EDF queue.
 
-    ``pending.req_id`` is the *entry id*, unique per stream, so two requests that reuse a ``req_id``
-    still queue separately (the idempotent reply answers only the first).
+    ``pending.req_id`` is the job's ``key``: its stream and entry id (``job_key``). Two requests that reuse
+    a ``req_id`` still queue separately (the idempotent reply answers only the first), and so do two
+    entries of equal id on two streams the replica reads at once (its group's and one it drains: entry
+    ids are unique per stream only, and two streams fed in the same millisecond often share one).
     """
 
     entry_id: str
@@ -50,6 +52,11 @@ class Job:
     stream: str = ""  # the group stream it came from (acked there; its epoch and group label the reply)
     epoch: int | None = None
     group: str | None = None
+
+    @property
+    def key(self) -> str:
+        """What the batch loop knows this job by (``job_key``)."""
+        return self.pending.req_id
 
     @property
     def client(self) -> str:
@@ -124,7 +131,7 @@ class Intake:
         deadline = received + budget_ms / 1000.0 if budget_ms is not None else req.deadline
         assert deadline is not None
         where = keys.parse_group_stream(stream) if stream else None
-        return Job(entry_id, req, Pending(entry_id, req.cut, deadline, received), received, deliveries,
+        return Job(entry_id, req, Pending(job_key(stream, entry_id), req.cut, deadline, received), received, deliveries,
                    _entered(entry_id, received, now),
                    stream, None if where is None else where[0], None if where is None else where[1])
 
@@ -166,6 +173,11 @@ class Intake:
 
     def _check_meta(self, req: wire.Request, dtype: str, shape: tuple[int, ...]) -> None:
         admission.check_tensor(req.model, req.cut, dtype, tuple(shape), self.info.cut_shape(req.cut))
+
+
+def job_key(stream: str, entry_id: str) -> str:
+    """A job's name in the batch loop: the entry id, which is unique per stream only, and its stream."""
+    return f"{entry_id}@{stream}"
 
 
 def _entered(entry_id: str, received: float, now: float) -> float:

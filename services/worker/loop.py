@@ -97,7 +97,7 @@ class BatchLoop:
         self.read_ahead = False
         self._undecided = False  # entries were added that the loop has not decided on yet
         self.queue = EdfQueue()
-        self.jobs: dict[str, Job] = {}  # entry id -> job, queued or in flight
+        self.jobs: dict[str, Job] = {}  # job key (stream and entry id) -> job, queued or in flight
         self.in_flight: set[str] = set()
         # The policy launches a lone request at the last moment its slack allows, so the margin must
         # cover what happens after that moment: the reply round trip and a timer that fires late.
@@ -151,14 +151,15 @@ class BatchLoop:
     def held(self) -> list[str]:
         return list(self.jobs)
 
-    def holds(self, entry_id: str) -> bool:
-        return entry_id in self.jobs
+    def holds(self, key: str) -> bool:
+        """Whether the job ``key`` (``intake.job_key``: stream and entry id) is queued or in flight."""
+        return key in self.jobs
 
     def add(self, job: Job) -> bool:
         """Queue a job; False when its entry is already held (a re-read or a reclaim of our own entry)."""
-        if job.entry_id in self.jobs:
+        if job.key in self.jobs:
             return False
-        self.jobs[job.entry_id] = job
+        self.jobs[job.key] = job
         self.queue.add(job.pending)
         if not self.in_flight:
             self._undecided = True  # the reader waits for the decision (see room)
@@ -195,8 +196,8 @@ class BatchLoop:
 
     def _release(self, jobs: Sequence[Job]) -> None:
         for job in jobs:
-            self.jobs.pop(job.entry_id, None)
-            self.in_flight.discard(job.entry_id)
+            self.jobs.pop(job.key, None)
+            self.in_flight.discard(job.key)
         self._space.set()
 
     # --------------------------------------------------------------------------------- the loop
@@ -271,7 +272,7 @@ class BatchLoop:
         launches while they are written (the loop's way; at most one batch's replies are outstanding,
         the previous ones are awaited first). Otherwise return once they are written."""
         n = len(jobs)
-        self.in_flight.update(j.entry_id for j in jobs)
+        self.in_flight.update(j.key for j in jobs)
         self._undecided = False
         if self.read_ahead:
             self._space.set()  # the launched jobs left the queue: room for the next batch
