@@ -54,3 +54,17 @@ async def test_the_ledger_forgets_past_its_horizon_and_expires_with_its_last_mem
     ttl_ms = await redis.pttl(keys.reply_ledger(client))
     assert 0 < ttl_ms <= DEDUPE_HORIZON_MS + 1_500
     assert await redis.ttl(keys.reply_stream(client)) > 0
+
+
+async def test_replies_queued_on_a_pipeline_cost_that_pipeline_alone(redis: Redis) -> None:
+    """No ``SCRIPT EXISTS`` round trip before the pipeline (redis-py sends one for every pipeline that
+    holds a registered script), and an emptied script cache (a restarted Redis) changes nothing."""
+    sender = ReplySender(redis)
+    await redis.script_flush()
+    await redis.config_resetstat()
+    assert await sender.send_many([("phone-a", refusal("a1", "1-1")), ("phone-b", refusal("b1", "1-2")),
+                                   ("phone-a", refusal("a2", "1-3"))]) == 3
+    stats = await redis.info("commandstats")
+    assert not [k for k in stats if k.startswith("cmdstat_script")], stats
+    assert stats["cmdstat_eval"]["calls"] == 2  # one command per client
+    assert [rep.req_id for rep in await replies_of(redis, "phone-a")] == ["a1", "a2"]
