@@ -309,6 +309,11 @@ class Accountant:
                     "server_p50_ms": pct(srv, 0.5), "server_p99_ms": pct(srv, 0.99)}
                 for k, (lag, srv) in sorted(spans.items())}
 
+    def send_errors(self, req_ids: Iterable[str]) -> dict[str, int]:
+        """Why the XADDs that failed failed (the error's first 80 characters), most common first."""
+        counts = Counter((self.sent[rid].send_error or "")[:80] for rid in req_ids if self.sent[rid].send_error)
+        return dict(counts.most_common())
+
     def timeline(self, req_ids: Iterable[str], step_ms: float = 1000.0) -> list[dict[str, int]]:
         """Outcomes per ``step_ms`` of intended send time (``ok``, ``ok-late``, an error code, ``none``):
         whether misses cluster at the start of a load (a transient) or run through it."""

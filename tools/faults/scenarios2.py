@@ -148,7 +148,7 @@ async def overload(ctx: Ctx, factor: float = 5.0) -> Result:
                 "goodput_rps": round(v.ok_in_budget / over_s, 1),
                 "goodput_vs_capacity": round(v.ok_in_budget / over_s / capacity, 3) if capacity else 0.0,
                 "overload_ids": len(ids), "breakdown": live.acct.breakdown(ids),
-                "timeline_per_s": live.acct.timeline(ids)}
+                "timeline_per_s": live.acct.timeline(ids), "send_errors": live.acct.send_errors(ids)}
 
     # Two ingresses, as ``graft up`` starts them: one ingress's read → validate → write cycle is serial.
     res = await run_live(ctx, name, ctx.settings, body, extra_ingresses=1)
