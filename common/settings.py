@@ -30,7 +30,7 @@
 | GRAFT_WEIGHTS_DIR | (unset) | folder with ``<model>.pt`` state dicts (loaded with weights_only=True) |
 | GRAFT_STANDBY_REPLICAS | 1 | warm, idle replica processes a worker agent keeps per (device, model, share) in use; one takes over a dead replica's slot in milliseconds |
 | GRAFT_SPARE_REPLICAS | 0 | extra serving replicas per group (N+1): a group survives a replica's death without a gap; their share counts in the plan's cost |
-| GRAFT_CPU_RESERVE | 1 | cores a CPU plan leaves to the serving path (ingress, Redis, gateway, local producers) when it gives a host's spare cores to extra replicas; 0 on a host that runs only workers. Replicas the load needs are always placed |
+| GRAFT_CPU_RESERVE | 0 | cores a CPU plan leaves to the serving path (ingress, Redis, gateway, local producers) when it gives a host's spare cores to extra replicas (0: every core computes). Replicas the load needs are always placed |
 | GRAFT_MAX_CPU_PROCESSES | 0 | most replica processes a CPU worker agent runs (0: max(4, 2 × cores)) |
 | GRAFT_GATEWAY_HOST | 127.0.0.1 | address the gateway's HTTP and gRPC servers bind (0.0.0.0 in a container) |
 | GRAFT_GATEWAY_HTTP_PORT | 8000 | Open Inference Protocol v2 over HTTP/REST (0: a free port) |
@@ -104,7 +104,7 @@ class Settings:
     weights_dir: str | None = None
     standby_replicas: int = 1
     spare_replicas: int = 0
-    cpu_reserve: int = 1
+    cpu_reserve: int = 0
     max_cpu_processes: int = 0
     gateway_host: str = "127.0.0.1"
     gateway_http_port: int = 8000

@@ -60,11 +60,13 @@ def fill_headroom(groups: Sequence[Group], placement: Sequence[DevicePlacement],
     until nothing fits. The added replicas are counted as the group's ``spares``: headroom for bursts
     and a replica's death, not part of what the load requires (``Plan.required_share``).
 
-    ``reserve``: share of each device left free (``GRAFT_CPU_RESERVE``): on a host that also runs the
-    ingress, Redis and producers, those need a core too. Measured on two cores with a scratch probe
-    (MobileNetV2, 60 ms, one replica vs. a second one filling the other core, client-measured): 99.7%
-    vs. 93.9% at 250 req/s, 91.7% vs. 82.2% at 300 req/s — the filler most likely competed with the
-    serving path for the core it used.
+    ``reserve``: share of each device left free (``GRAFT_CPU_RESERVE``, default 0). On 2026-12-03, with
+    a scratch probe on two cores (MobileNetV2, 60 ms, client-measured), a second replica filling the
+    other core served less than one alone (93.9% vs. 99.7% at 250 req/s), so the default kept a core
+    for the ingress, Redis and producers. On 2026-12-04, with the serving path cheaper (replies
+    overlapping the next batch, trimmed streams, one round trip per reply batch), ``graft bench e2e``
+    found the opposite at both budgets: 427 vs. 317 req/s confirmed at 100 ms, and 310-344 req/s
+    passing single points at 60 ms against 141 confirmed with the reserve (README, Benchmarks).
     """
     by_id = {g.id: g for g in groups}
     extra: dict[str, int] = {}
