@@ -306,3 +306,19 @@ async def test_finished_entries_are_trimmed_a_second_after_and_owed_ones_never(r
     await redis.xack(s, group, *fresh)
     await streams.safe_trim(redis, s)
     assert [i for i, _ in await redis.xrange(s, min=fresh[0])] == fresh
+
+
+async def test_a_stream_no_group_reads_yet_is_never_trimmed(redis: Redis) -> None:
+    """Producers may write before the first ingress has created its group (it does on its first read);
+    the old trim found no group owing anything and dropped every entry older than a second, unread
+    and unanswered (a flake of test_deadline_counts_from_when_redis_accepted_the_entry, 3 in 10)."""
+    s = "graft:test:trim-no-group"
+    secs, _ = await redis.time()
+    t = (int(secs) - 5) * 1000
+    for i in range(200):
+        await redis.xadd(s, {keys.FIELD: b"x" * 64}, id=f"{t}-{i}")
+    assert await streams.safe_trim(redis, s) == 0
+    assert await redis.xlen(s) == 200
+    await streams.ensure_group(redis, s, "workers", "0")  # the group that comes later reads them all
+    got = await redis.xreadgroup("workers", "c", {s: ">"}, count=500)
+    assert len(got[0][1]) == 200

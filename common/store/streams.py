@@ -103,8 +103,8 @@ FINISHED_KEEP_MS = 1_000.0
 
 async def safe_trim(r: Client, stream: str, *, max_age_ms: float = FINISHED_KEEP_MS) -> int:
     """Drop entries older than ``max_age_ms`` (Redis clock) that no consumer group still owes anything:
-    never past a group's last delivered entry, never past its oldest pending one. Nothing is lost
-    unanswered by trimming; returns how many entries went.
+    never past a group's last delivered entry, never past its oldest pending one, nothing of a stream
+    no group reads yet. Nothing is lost unanswered by trimming; returns how many entries went.
 
     Approximate trimming only frees whole radix-tree nodes (~100 entries), which is what makes it cheap.
     """
@@ -114,6 +114,8 @@ async def safe_trim(r: Client, stream: str, *, max_age_ms: float = FINISHED_KEEP
         groups = await r.xinfo_groups(stream)
     except ResponseError:
         return 0  # no such stream
+    if not groups:  # written before its readers' group exists: every entry is still owed to that group
+        return 0
     for g in groups:
         delivered = _id_key(_sid(g.get("last-delivered-id", "0-0")))
         cutoff = min(cutoff, (delivered[0], delivered[1] + 1))
