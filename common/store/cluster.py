@@ -13,9 +13,11 @@ Where redis-py's asyncio cluster client needs help:
   ``EVALSHA`` would be queued, but a ``ClusterPipeline`` never loads scripts: on a node that has not
   seen the script (a fresh, restarted or failed-over master) it answers NOSCRIPT — after the
   pipeline's other commands, on other nodes, already ran. ``queue_script`` queues ``EVAL <body>``
-  instead on a cluster pipeline: whichever node runs it compiles it (and caches it by SHA), so
+  instead, on every pipeline: whichever node runs it compiles it (and caches it by SHA), so
   NOSCRIPT cannot happen and nothing needs replaying; the few hundred bytes of body per call cost
-  nothing next to a reply's payload. Outside pipelines ``AsyncScript`` already recovers from NOSCRIPT
+  nothing next to a reply's payload. (On a single Redis a script registered with a ``Pipeline``
+  works, but ``Pipeline.execute`` first sends ``SCRIPT EXISTS`` in a round trip of its own: every
+  batch of replies and refusals paid two round trips until 2026-12-04.) Outside pipelines ``AsyncScript`` already recovers from NOSCRIPT
   (SCRIPT LOAD goes to every primary, then EVALSHA again).
 * **XREAD/XREADGROUP** have "movable keys", so the cluster client asks a node ``COMMAND GETKEYS``
   before every read — a second round trip per read. ``GraftRedisCluster`` finds the keys after
@@ -128,12 +130,6 @@ def connection_kwargs(r: object) -> dict[str, Any]:
 
 async def queue_script(pipe: Any, script: Any, keys: Sequence[Any], args: Sequence[Any]) -> None:
     """Queue one call of a registered script (``register_script``) on ``pipe``; nothing runs until it
-    executes. The script travels as ``EVAL <body>`` on every pipeline, single Redis or cluster.
-
-    On a cluster pipeline, see the module docstring. On a single Redis, ``AsyncScript.__call__`` with a
-    pipeline registers the script with it, and redis-py's ``Pipeline.execute`` then sends ``SCRIPT
-    EXISTS`` for its scripts in a round trip of its own before the pipeline: every batch of replies and
-    of refusals paid two round trips instead of one (and two event-loop wake-ups on a busy host).
-    ``EVAL`` needs no check — Redis compiles a body once and finds it again by its SHA — and cannot meet
-    NOSCRIPT after a restart or ``SCRIPT FLUSH``."""
+    executes. The script travels as ``EVAL <body>`` on every pipeline, single Redis or cluster (see
+    the module docstring: no NOSCRIPT, no ``SCRIPT EXISTS`` round trip before the pipeline)."""
     pipe.execute_command("EVAL", script.script, len(keys), *keys, *args)
