@@ -138,9 +138,11 @@ class Bench:
             await drive(self.submitter, mix_arrivals(mix, rate, self.warmup_s, seed=10_000 + self.seed),
                         resolution=resolution, timeout_s=self.timeout_s)
         self.seed += 1
+        before, t0 = host_cpu_ticks(), time.monotonic()
         outs = await drive(self.submitter, mix_arrivals(mix, rate, self.duration_s, seed=self.seed),
                            resolution=resolution, timeout_s=self.timeout_s)
         summary = LoadReport(self.duration_s, outs).summary()
+        summary["host_cores"] = host_cores(before, host_cpu_ticks(), time.monotonic() - t0)
         summary["latencies_ms"] = sorted(round(o.latency_ms, 3) for o in outs)
         groups = [{k: g[k] for k in ("id", "cuts", "batch", "share", "replicas")} for g in plan["groups"]]
         return Point(policy, budget, rate, self.seed, phase, summary, int(plan["epoch"]), groups,
@@ -186,6 +188,28 @@ class Bench:
             lo *= step
         s.max_rps = lo if s.confirmed else 0.0
         return s
+
+
+HOST_CPU_FIELDS = {"user": 0, "system": 2, "idle": 3, "steal": 7}  # columns of /proc/stat's "cpu" line
+
+
+def host_cpu_ticks() -> list[int] | None:
+    """The host's CPU time so far by kind (Linux ``/proc/stat``, clock ticks); None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def host_cores(before: list[int] | None, after: list[int] | None, seconds: float) -> dict[str, float]:
+    """Cores' worth of user, system, idle and steal time between two readings (steal: taken by the
+    hypervisor for other guests — this shared host's drift, not Graft's)."""
+    if before is None or after is None or seconds <= 0:
+        return {}
+    tick = os.sysconf("SC_CLK_TCK")
+    return {k: round((after[i] - before[i]) / tick / seconds, 3) for k, i in HOST_CPU_FIELDS.items()
+            if i < min(len(before), len(after))}
 
 
 def _table(searches: list[Search], limits: dict[float, dict[str, Any]]) -> Table:
@@ -304,7 +328,8 @@ async def _run(out: Path, *, quick: bool, model: str, resolution: int, cuts: lis
                                        on_point=lambda p: console.print(
                                            f"  {p.phase:8s} {p.rate_rps:7.1f} req/s → {100 * p.summary['slo_attainment']:6.2f}% "
                                            f"batch {p.summary['mean_batch']:.2f} p99 {p.summary['latency_ms_p99']:.1f} ms "
-                                           f"{dict(p.summary['outcomes'])} epoch {p.epoch} {p.plan_groups and p.plan_groups[0]['batch']}"))
+                                           f"{dict(p.summary['outcomes'])} epoch {p.epoch} {p.plan_groups and p.plan_groups[0]['batch']} "
+                                           f"host {p.summary.get('host_cores', {})}"))
                 searches.append(s)
         if overhead_rps > 0:  # small tensors at a fixed rate: what the serving path costs outside the model
             tail = [len(cuts) and max(cuts)]

@@ -131,6 +131,7 @@ class Outcome:
     epoch: int | None
     timings: dict[str, float] | None = None
     send_lag_ms: float = 0.0  # how late the generator actually sent it
+    at_s: float = 0.0  # its intended send time, seconds from the start of the load
 
     @property
     def met(self) -> bool:
@@ -170,11 +171,23 @@ class LoadReport:
             "offered_rps": len(outs) / self.duration_s if self.duration_s else 0.0,
             "breakdown_ms": self.breakdown(),
             "overhead_ms": self.overhead(),
+            "misses_by_second": self.misses_by_second(),
             "devices": len(self.devices),
             "cuts": dict(sorted(Counter(f"{o.model}:{o.cut}" for o in outs).items())),
             "epochs": sorted({o.epoch for o in ok if o.epoch is not None}),
             "unplaced_devices": self.unplaced,
         }
+
+    def misses_by_second(self) -> list[list[int]]:
+        """``[second, sent, missed]`` for each second of intended send times: whether a point's misses are
+        spread evenly (a steady shortfall) or bunched into a second or two (a stall of the host or a service)."""
+        sent: Counter[int] = Counter()
+        missed: Counter[int] = Counter()
+        for o in self.outcomes:
+            sec = int(o.at_s)
+            sent[sec] += 1
+            missed[sec] += not o.met
+        return [[sec, sent[sec], missed[sec]] for sec in sorted(sent)]
 
     def overhead(self) -> dict[str, float]:
         """Per OK request: client latency minus its batch's compute (everything but the model), and that
@@ -275,13 +288,14 @@ async def drive(submitter: Submitter, arrivals: Sequence[Arrival], *, resolution
             done = time.perf_counter()
             code = "OK" if rep.ok else (rep.error.code if rep.error else "INTERNAL")
             out = Outcome(a.source, a.model, a.cut, a.budget_ms, (done - intended) * 1000.0, rep.ok, code,
-                          rep.server_ms, rep.batch, rep.group, rep.epoch, rep.timings, (sent - intended) * 1000.0)
+                          rep.server_ms, rep.batch, rep.group, rep.epoch, rep.timings, (sent - intended) * 1000.0, a.at_s)
         except TimeoutError:
             out = Outcome(a.source, a.model, a.cut, a.budget_ms, (time.perf_counter() - intended) * 1000.0, False,
-                          "TIMEOUT", 0.0, None, None, None, None, (sent - intended) * 1000.0)
+                          "TIMEOUT", 0.0, None, None, None, None, (sent - intended) * 1000.0, a.at_s)
         except Exception as exc:  # a transport error is a miss like any other, never a crash of the run
             out = Outcome(a.source, a.model, a.cut, a.budget_ms, (time.perf_counter() - intended) * 1000.0, False,
-                          f"CLIENT_{type(exc).__name__}", 0.0, None, None, None, None, (sent - intended) * 1000.0)
+                          f"CLIENT_{type(exc).__name__}", 0.0, None, None, None, None, (sent - intended) * 1000.0,
+                          a.at_s)
         outcomes.append(out)
         if on_outcome is not None:
             on_outcome(out)
