@@ -39,6 +39,7 @@ from common.store.connection import connect
 from common.store.plan_store import load_plan
 from common.store.registry import Registry
 from services.ingress.bench import measure_routing_rate
+from tools import cpu
 from tools.admin import send_control
 from tools.bench_limit import best_limit, limits_dict, unit_times
 from tools.console import make_console
@@ -138,11 +139,11 @@ class Bench:
             await drive(self.submitter, mix_arrivals(mix, rate, self.warmup_s, seed=10_000 + self.seed),
                         resolution=resolution, timeout_s=self.timeout_s)
         self.seed += 1
-        before, t0 = host_cpu_ticks(), time.monotonic()
+        before = cpu.snapshot()
         outs = await drive(self.submitter, mix_arrivals(mix, rate, self.duration_s, seed=self.seed),
                            resolution=resolution, timeout_s=self.timeout_s)
         summary = LoadReport(self.duration_s, outs).summary()
-        summary["host_cores"] = host_cores(before, host_cpu_ticks(), time.monotonic() - t0)
+        summary["cpu_cores"] = cpu.cores(before, cpu.snapshot())  # where the two cores went meanwhile
         summary["latencies_ms"] = sorted(round(o.latency_ms, 3) for o in outs)
         groups = [{k: g[k] for k in ("id", "cuts", "batch", "share", "replicas")} for g in plan["groups"]]
         return Point(policy, budget, rate, self.seed, phase, summary, int(plan["epoch"]), groups,
@@ -190,26 +191,11 @@ class Bench:
         return s
 
 
-HOST_CPU_FIELDS = {"user": 0, "system": 2, "idle": 3, "steal": 7}  # columns of /proc/stat's "cpu" line
-
-
-def host_cpu_ticks() -> list[int] | None:
-    """The host's CPU time so far by kind (Linux ``/proc/stat``, clock ticks); None elsewhere."""
-    try:
-        with open("/proc/stat") as f:
-            return [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-
-
-def host_cores(before: list[int] | None, after: list[int] | None, seconds: float) -> dict[str, float]:
-    """Cores' worth of user, system, idle and steal time between two readings (steal: taken by the
-    hypervisor for other guests — this shared host's drift, not Graft's)."""
-    if before is None or after is None or seconds <= 0:
-        return {}
-    tick = os.sysconf("SC_CLK_TCK")
-    return {k: round((after[i] - before[i]) / tick / seconds, 3) for k, i in HOST_CPU_FIELDS.items()
-            if i < min(len(before), len(after))}
+def _cpu_line(c: dict[str, dict[str, float]]) -> str:
+    """``cores: replica 1.02 bench 0.27 … | idle 0.25 steal 0.00`` (one point's ``cpu_cores``)."""
+    roles = " ".join(f"{k} {v:.2f}" for k, v in c.get("roles", {}).items() if v >= 0.01)
+    host = c.get("host", {})
+    return f"cores: {roles} | idle {host.get('idle', 0):.2f} steal {host.get('steal', 0):.2f}" if c else ""
 
 
 def _table(searches: list[Search], limits: dict[float, dict[str, Any]]) -> Table:
@@ -329,7 +315,7 @@ async def _run(out: Path, *, quick: bool, model: str, resolution: int, cuts: lis
                                            f"  {p.phase:8s} {p.rate_rps:7.1f} req/s → {100 * p.summary['slo_attainment']:6.2f}% "
                                            f"batch {p.summary['mean_batch']:.2f} p99 {p.summary['latency_ms_p99']:.1f} ms "
                                            f"{dict(p.summary['outcomes'])} epoch {p.epoch} {p.plan_groups and p.plan_groups[0]['batch']} "
-                                           f"host {p.summary.get('host_cores', {})}"))
+                                           f"{_cpu_line(p.summary.get('cpu_cores', {}))}"))
                 searches.append(s)
         if overhead_rps > 0:  # small tensors at a fixed rate: what the serving path costs outside the model
             tail = [len(cuts) and max(cuts)]

@@ -16,6 +16,7 @@ from common.contract import keys
 from common.model import zoo
 from common.store.backlog import redis_now_ms
 from common.store.plan_store import load_plan, plan_history
+from tools import cpu
 from tools.admin import send_control
 from tools.faults.accountant import Sent, Verdict
 from tools.faults.live import MODEL, RESOLUTION, Live
@@ -136,8 +137,9 @@ async def overload(ctx: Ctx, factor: float = 5.0) -> Result:
         ctx.say(f"  {name}: measured capacity {capacity:.0f} req/s")
         await asyncio.sleep(1.0)
         load = await Load(live.producer, live.acct, clients=[f"fx-over-{k}" for k in range(4)], resolution=RESOLUTION).start()
-        t0 = time.time()
+        t0, before = time.time(), cpu.snapshot()
         ids = await load.run(steady([cls], factor * capacity, over_s, seed=7), prefix="over")
+        spent = cpu.cores(before, cpu.snapshot())  # the two cores during the overload, by role
         await settle(live, budget)
         v = live.acct.judge(ids)
         shed = v.errors.get("OVERLOADED", 0)
@@ -148,7 +150,8 @@ async def overload(ctx: Ctx, factor: float = 5.0) -> Result:
                 "goodput_rps": round(v.ok_in_budget / over_s, 1),
                 "goodput_vs_capacity": round(v.ok_in_budget / over_s / capacity, 3) if capacity else 0.0,
                 "overload_ids": len(ids), "breakdown": live.acct.breakdown(ids),
-                "timeline_per_s": live.acct.timeline(ids), "send_errors": live.acct.send_errors(ids)}
+                "timeline_per_s": live.acct.timeline(ids), "send_errors": live.acct.send_errors(ids),
+                "cpu_cores": spent}
 
     # Two ingresses, as ``graft up`` starts them: one ingress's read → validate → write cycle is serial.
     res = await run_live(ctx, name, ctx.settings, body, extra_ingresses=1)
