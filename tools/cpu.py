@@ -13,9 +13,8 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from tools.faults.procs import descendants
+from tools.faults.procs import cpu_ticks, descendants
 
 HOST_FIELDS = {"user": 0, "system": 2, "idle": 3, "steal": 7}  # columns of /proc/stat's "cpu" line
 # First match wins: a replica's command line also names services.worker.
@@ -45,15 +44,6 @@ def role_of(cmd: str) -> str:
     return next((role for role, mark in ROLES if mark in cmd), "other")
 
 
-def process_ticks(pid: int) -> int | None:
-    """User + system clock ticks ``pid`` has used (``/proc/pid/stat`` fields 14 and 15)."""
-    try:
-        rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return int(rest[11]) + int(rest[12])
-
-
 @dataclass
 class Snapshot:
     at: float
@@ -66,11 +56,11 @@ def snapshot(root: int | None = None) -> Snapshot:
     descendant by role."""
     me = os.getpid() if root is None else root
     snap = Snapshot(time.monotonic(), host_ticks())
-    own = process_ticks(me)
+    own = cpu_ticks(me)
     if own is not None:
         snap.procs[(me, 0)] = ("bench", own)
     for p in descendants(me):
-        t = process_ticks(p.pid)
+        t = cpu_ticks(p.pid)
         if t is not None:
             snap.procs[(p.pid, p.start)] = (role_of(p.cmd), t)
     return snap

@@ -1,4 +1,5 @@
-"""Processes as the kernel sees them: descendants from /proc, their memory, and who outlived the system.
+"""Processes as the kernel sees them: descendants from /proc, their memory and CPU time, and who outlived
+the system.
 
 ``Census`` records every descendant of a root process (by default this one) each time it is polled —
 pid, start time (so a reused pid is not mistaken for the same process) and command line — and later
@@ -23,14 +24,25 @@ class Proc:
     cmd: str
 
 
-def _stat(pid: int) -> tuple[int, str, int] | None:
-    """(ppid, state, start time) of ``pid``, or None when it is gone."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/pid/stat`` after the command name (field 3 on), or None when it is gone."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
-    rest = raw.rsplit(")", 1)[1].split()
-    return int(rest[1]), rest[0], int(rest[19])
+    return raw.rsplit(")", 1)[1].split()
+
+
+def _stat(pid: int) -> tuple[int, str, int] | None:
+    """(ppid, state, start time) of ``pid``, or None when it is gone."""
+    rest = _stat_fields(pid)
+    return None if rest is None else (int(rest[1]), rest[0], int(rest[19]))
+
+
+def cpu_ticks(pid: int) -> int | None:
+    """User + system clock ticks ``pid`` has used (fields 14 and 15), or None when it is gone."""
+    rest = _stat_fields(pid)
+    return None if rest is None else int(rest[11]) + int(rest[12])
 
 
 def _cmd(pid: int) -> str:
