@@ -56,6 +56,8 @@ def snapshot(root: int | None = None) -> Snapshot:
     descendant by role."""
     me = os.getpid() if root is None else root
     snap = Snapshot(time.monotonic(), host_ticks())
+    if snap.host is None:  # no /proc (not Linux): nothing to read, and descendants() could not list it
+        return snap
     own = cpu_ticks(me)
     if own is not None:
         snap.procs[(me, 0)] = ("bench", own)
